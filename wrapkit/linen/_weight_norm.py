@@ -1,0 +1,123 @@
+"""Weight normalisation (Salimans & Kingma, https://arxiv.org/abs/1602.07868)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import canonicalize_dtype
+from flax.typing import Dtype, Initializer
+
+from .._numerics import canonical_axes, l2_normalize
+from ._wrapper import Leaf, Wrapper
+
+
+class WeightNorm(Wrapper):
+    """L2 weight normalisation: the inner module sees ``scale * v / ||v||``.
+
+    A drop-in for ``flax.linen.WeightNorm``: the same arguments in the same order, the same
+    variables (the inner module keeps its raw weights ``v``; this module holds one
+    ``"<inner name>/<path>/scale"`` parameter per selected variable, shaped like the feature
+    axes), and the same outputs on the same variables. It differs from flax where flax is
+    wrong; see the WeightNorm page of the docs.
+
+    Attributes:
+        layer_instance: the module to wrap.
+        epsilon: added to the squared norm before the reciprocal square root.
+        dtype: the dtype of the normalised weights (default: inferred from the weight and
+            the scale).
+        param_dtype: the dtype of the scale parameters.
+        use_scale: whether to learn a scale ``g``; if False the weights are unit-norm.
+        scale_init: initialiser of the scales.
+        feature_axes: the axes that keep separate norms (and scales); the norm reduces over
+            the others. ``None`` takes one norm over all axes and a scalar scale.
+        variable_filter: which variables to normalise (default ``{"kernel"}``); see
+            [`Wrapper`][wrapkit.linen.Wrapper]. ``None`` or empty selects all.
+        delegates: the inner module's methods to normalise for (default ``("__call__",)``).
+
+    Example:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from wrapkit.linen import WeightNorm
+        >>> model = WeightNorm(nn.Dense(3))
+        >>> variables = model.init(jax.random.key(0), jnp.ones((1, 2)))
+        >>> jax.tree_util.tree_map(jnp.shape, variables["params"])
+        {'layer_instance': {'bias': (3,), 'kernel': (2, 3)}, 'layer_instance/kernel/scale': (3,)}
+    """
+
+    epsilon: float = 1e-12
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_scale: bool = True
+    scale_init: Initializer = nn.initializers.ones
+    feature_axes: int | tuple[int, ...] | None = -1
+    variable_filter: Iterable[Any] | None = dataclasses.field(  # type: ignore[misc]
+        default_factory=lambda: {"kernel"}
+    )
+
+    def argument_errors(self) -> list[str]:
+        axes = self.feature_axes
+        if axes is None or isinstance(axes, int):
+            return []
+        if isinstance(axes, Iterable) and all(isinstance(axis, int) for axis in axes):
+            return []
+        return [f"feature_axes must be an int, a tuple of ints or None, got {axes!r}."]
+
+    def transform(self, leaf: Leaf) -> jax.Array:
+        value = jnp.asarray(leaf.value)
+        if self.feature_axes is None:
+            feature_axes: tuple[int, ...] = ()
+        else:
+            found = canonical_axes(value.ndim, self.feature_axes)
+            if found is None:
+                raise ValueError(
+                    f"{type(self).__name__}({self.layer_instance.name}): feature_axes="
+                    f"{self.feature_axes!r} is out of range for {leaf.path!r} of shape "
+                    f"{value.shape}. Use axes in [{-value.ndim}, {value.ndim - 1}], or "
+                    "feature_axes=None for one norm over all axes."
+                )
+            feature_axes = found
+        reduction_axes = tuple(axis for axis in range(value.ndim) if axis not in feature_axes)
+        scale_name = f"{leaf.path}/scale"
+        if not reduction_axes:
+            return self._unnormalisable(leaf, scale_name)
+
+        feature_shape = [1] * value.ndim
+        for axis in feature_axes:
+            feature_shape[axis] = value.shape[axis]
+        value_bar = l2_normalize(value, axis=reduction_axes, eps=self.epsilon)
+        inputs = [leaf.value]
+        if self.use_scale:
+            legacy_name = f"{leaf.path}/value/scale"
+            if leaf.metadata is not None and self.has_variable("params", legacy_name):
+                # flax's WeightNorm names the scale of a boxed kernel ".../value/scale".
+                scale_name = legacy_name
+
+            def init(key: jax.Array, shape: Any, dtype: Any) -> Any:
+                return leaf.box_like(self.scale_init(key, shape, dtype), feature_axes)
+
+            reduced_shape = [value.shape[axis] for axis in feature_axes]
+            scale = self.param(scale_name, init, reduced_shape, self.param_dtype)
+            scale = scale.reshape(feature_shape)
+            value_bar *= scale
+            inputs.append(scale)
+        return jnp.asarray(value_bar, canonicalize_dtype(*inputs, dtype=self.dtype))
+
+    def _unnormalisable(self, leaf: Leaf, scale_name: str) -> jax.Array:
+        """A variable with no axis to reduce over (a bias, a scalar) stays as it is.
+
+        Flax normalises each element by its own magnitude, which turns it into
+        ``sign(x) * scale``; a checkpoint written that way has a scale for it.
+        """
+        if self.use_scale and self.has_variable("params", scale_name):
+            raise ValueError(
+                f"{type(self).__name__}({self.layer_instance.name}): the variables hold "
+                f"{scale_name!r}, as written by flax.linen.WeightNorm, which turns "
+                f"{leaf.path!r} (feature axes {self.feature_axes!r} cover all its axes) into "
+                "sign(value) * scale. wrapkit leaves such variables unnormalised. Convert the "
+                "checkpoint once: set the variable to sign(value) * scale and drop the scale."
+            )
+        return leaf.value
