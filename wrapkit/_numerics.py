@@ -30,7 +30,7 @@ def l2_normalize(x: jax.Array, axis: int | Sequence[int] | None = None, eps: flo
 
 
 def canonical_axes(ndim: int, axes: int | Sequence[int]) -> tuple[int, ...] | None:
-    """Non-negative, sorted, de-duplicated ``axes`` of an ``ndim``-array; ``None`` if out of range."""
+    """``axes`` of an ``ndim``-array, non-negative, sorted and unique; ``None`` if out of range."""
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
     if any(not -ndim <= axis < ndim for axis in axes):
         return None

@@ -18,7 +18,8 @@ class WrapperProtocol(Protocol):
     """The interface of a module that wraps another module.
 
     Any object with these two attributes is a wrapper; wrapkit's own wrappers implement it
-    directly, and classes that cannot be changed join through [`register_wrapper`][wrapkit.register_wrapper].
+    directly, and classes that cannot be changed join through
+    [`register_wrapper`][wrapkit.register_wrapper].
 
     Attributes:
         inner: the wrapped module.
@@ -119,7 +120,8 @@ def is_wrapper(obj: Any) -> bool:
 
     Example:
         >>> import flax.linen as nn, wrapkit
-        >>> wrapkit.is_wrapper(wrapkit.linen.WeightNorm(nn.Dense(4))), wrapkit.is_wrapper(nn.Dense(4))
+        >>> wrapped = wrapkit.linen.WeightNorm(nn.Dense(4))
+        >>> wrapkit.is_wrapper(wrapped), wrapkit.is_wrapper(nn.Dense(4))
         (True, False)
     """
     return _registration(obj) is not None or isinstance(obj, WrapperProtocol)

@@ -109,16 +109,16 @@ def _delegated(wrapper: Any) -> tuple[str, ...]:
 def _public_methods(module: nn.Module) -> list[str]:
     """Methods a user defined on ``module``'s class (not flax's Module API)."""
     fields = {field.name for field in dataclasses.fields(module)}
-    names = [
+    own = [klass for klass in type(module).__mro__ if klass not in (nn.Module, object)]
+    names = {
         name
-        for name in dir(type(module))
+        for klass in own
+        for name, value in vars(klass).items()
         if (name == "__call__" or not name.startswith("_"))
         and name not in fields
-        and not hasattr(nn.Module, name)
-        and callable(getattr(type(module), name, None))
-    ]
-    if callable(getattr(type(module), "__call__", None)) and "__call__" not in names:
-        names.insert(0, "__call__")
+        and callable(value)
+        and not isinstance(value, type | classmethod | staticmethod)
+    }
     return sorted(names, key=lambda name: (name != "__call__", name))
 
 
