@@ -13,6 +13,7 @@ from flax.linen.dtypes import canonicalize_dtype
 from flax.typing import Dtype, Initializer
 
 from .._numerics import canonical_axes, l2_normalize
+from .._warnings import warn
 from ._wrapper import Leaf, Wrapper
 
 
@@ -83,7 +84,15 @@ class WeightNorm(Wrapper):
         reduction_axes = tuple(axis for axis in range(value.ndim) if axis not in feature_axes)
         scale_name = f"{leaf.path}/scale"
         if not reduction_axes:
-            return self._unnormalisable(leaf, scale_name)
+            # Normalising each element by its own magnitude leaves sign(x): flax (and torch's
+            # weight_norm) define it so, and checkpoints depend on it; say so instead.
+            warn(
+                f"{type(self).__name__}({self.layer_instance.name}): {leaf.path!r} of shape "
+                f"{value.shape} has no axis to normalise over (feature_axes="
+                f"{self.feature_axes!r} covers all its axes), so it becomes sign(value) * "
+                "scale, as in flax. To keep it as it is, leave it out of variable_filter "
+                "(e.g. {'kernel'}); for one norm over all axes, use feature_axes=None."
+            )
 
         feature_shape = [1] * value.ndim
         for axis in feature_axes:
@@ -105,19 +114,3 @@ class WeightNorm(Wrapper):
             value_bar *= scale
             inputs.append(scale)
         return jnp.asarray(value_bar, canonicalize_dtype(*inputs, dtype=self.dtype))
-
-    def _unnormalisable(self, leaf: Leaf, scale_name: str) -> jax.Array:
-        """A variable with no axis to reduce over (a bias, a scalar) stays as it is.
-
-        Flax normalises each element by its own magnitude, which turns it into
-        ``sign(x) * scale``; a checkpoint written that way has a scale for it.
-        """
-        if self.use_scale and self.has_variable("params", scale_name):
-            raise ValueError(
-                f"{type(self).__name__}({self.layer_instance.name}): the variables hold "
-                f"{scale_name!r}, as written by flax.linen.WeightNorm, which turns "
-                f"{leaf.path!r} (feature axes {self.feature_axes!r} cover all its axes) into "
-                "sign(value) * scale. wrapkit leaves such variables unnormalised. Convert the "
-                "checkpoint once: set the variable to sign(value) * scale and drop the scale."
-            )
-        return leaf.value

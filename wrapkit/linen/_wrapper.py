@@ -114,7 +114,7 @@ def _public_methods(module: nn.Module) -> list[str]:
         name
         for klass in own
         for name, value in vars(klass).items()
-        if (name == "__call__" or not name.startswith("_"))
+        if (name == "__call__" or not (name.startswith("_") or hasattr(nn.Module, name)))
         and name not in fields
         and callable(value)
         and not isinstance(value, type | classmethod | staticmethod)
@@ -244,7 +244,13 @@ class Wrapper(nn.Module):
         if name in _delegated(self):
             return types.MethodType(_delegating_method(name), self)
         inner = self.__dict__["layer_instance"]
-        value = getattr(inner, name)
+        try:
+            value = getattr(inner, name)
+        except AttributeError:
+            raise AttributeError(
+                f"{_describe(self)} has no attribute {name!r}, and neither has the "
+                f"{type(inner).__name__} it wraps."
+            ) from None
         if inspect.ismethod(value) and isinstance(value.__self__, nn.Module):
             raise AttributeError(
                 f"{_describe(self)} does not delegate {name!r}, so calling it would skip the "
