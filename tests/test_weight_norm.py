@@ -161,3 +161,34 @@ def test_feature_axes_none_uses_one_norm_and_a_scalar_scale():
         {"params": {"kernel": kernel, "bias": params["layer_instance"]["bias"]}}, x
     )
     chex.assert_trees_all_close(model.apply(variables, x), expected, rtol=1e-5)
+
+
+class DenseBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        return nn.BatchNorm(use_running_average=not train, momentum=0.5)(nn.Dense(3)(x))
+
+
+def test_batch_norm_inside_the_wrapped_module_updates_its_statistics():
+    """Regression: flax maps every collection read-only, so a wrapped BatchNorm cannot train."""
+
+    def model(wrapper_class):
+        class Top(nn.Module):
+            @nn.compact
+            def __call__(self, x, train):
+                return wrapper_class(DenseBatchNorm())(x, train)
+
+        return Top()
+
+    x = jax.random.normal(jax.random.key(2), (8, 4))
+    variables = model(WeightNorm).init(jax.random.key(0), x, False)
+    _, updates = model(WeightNorm).apply(variables, x, True, mutable=["batch_stats"])
+    params = variables["params"]
+    dense = params["DenseBatchNorm_0"]["Dense_0"]
+    scale = params["WeightNorm_0"]["DenseBatchNorm_0/Dense_0/kernel/scale"]
+    h = x @ (scale * l2_normalize(dense["kernel"], axis=0)) + dense["bias"]
+    stats = updates["batch_stats"]["DenseBatchNorm_0"]["BatchNorm_0"]
+    chex.assert_trees_all_close(stats["mean"], 0.5 * h.mean(axis=0), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(stats["var"], 0.5 + 0.5 * h.var(axis=0), rtol=1e-5)
+    with pytest.raises(nn.errors.ModifyScopeVariableError, match=r"collection \"batch_stats\""):
+        model(nn.WeightNorm).apply(variables, x, True, mutable=["batch_stats"])
