@@ -78,7 +78,8 @@ def main() -> None:
 
     wrapper = WeightNorm(SpectralNorm(nn.Dense(4)))
     chain = " -> ".join(type(module).__name__ for module in wrapkit.chain(wrapper))
-    console.print(f"what the protocol sees in WeightNorm(SpectralNorm(Dense)): {chain}")
+    console.print("what the wrapper protocol sees in WeightNorm(SpectralNorm(Dense)):")
+    console.print(chain)
 
 
 if __name__ == "__main__":

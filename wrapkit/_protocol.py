@@ -177,8 +177,8 @@ def chain(module: Any) -> tuple[Any, ...]:
         >>> import flax.linen as nn
         >>> from wrapkit import chain
         >>> from wrapkit.linen import SpectralNorm, WeightNorm
-        >>> [type(m).__name__ for m in chain(WeightNorm(SpectralNorm(nn.Dense(4))))]
-        ['WeightNorm', 'SpectralNorm', 'Dense']
+        >>> " -> ".join(type(m).__name__ for m in chain(WeightNorm(SpectralNorm(nn.Dense(4)))))
+        'WeightNorm -> SpectralNorm -> Dense'
     """
     modules = [module]
     while is_wrapper(modules[-1]):
