@@ -124,3 +124,18 @@ def test_filter_selecting_nothing_names_the_filter_and_the_variables():
         r"params/layer_instance/bias \(3,\), params/layer_instance/kernel \(2, 3\)\.",
     ):
         model.init(jax.random.key(0), jnp.ones((1, 2)))
+
+
+def test_single_string_filter_is_one_entry_not_its_characters():
+    """flax iterates a string filter character by character, so "kernel" also picks the bias."""
+
+    def scales(wrapper_class):
+        class Top(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return wrapper_class(nn.Dense(3), variable_filter="kernel")(x)
+
+        return sorted(Top().init(jax.random.key(0), jnp.ones((1, 2)))["params"]["WeightNorm_0"])
+
+    assert scales(nn.WeightNorm) == ["Dense_0/bias/scale", "Dense_0/kernel/scale"]
+    assert scales(WeightNorm) == ["Dense_0/kernel/scale"]

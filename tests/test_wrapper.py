@@ -1,8 +1,11 @@
 """The Linen Wrapper base class: delegation, stacking, attribute access and its errors."""
 
+import re
+
 import chex
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -414,3 +417,26 @@ def test_wrapper_without_transform_cannot_be_used():
 
     with pytest.raises(NotImplementedError, match=r"Incomplete must define transform"):
         Incomplete(nn.Dense(3)).init(jax.random.key(0), X)
+
+
+def test_flax_tabulate_with_flops_shows_the_inner_call_as_the_wrappers_child():
+    """Regression for flax issue 3735: tabulate(compute_flops=True) crashed on WeightNorm."""
+
+    class Top(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = WeightNorm(nn.Conv(4, (3, 3)))(x)
+            return SpectralNorm(nn.Dense(3))(x, update_stats=False)
+
+    table = Top().tabulate(
+        jax.random.key(0),
+        jnp.ones((1, 8, 8, 3)),
+        compute_flops=True,
+        compute_vjp_flops=True,
+        console_kwargs={"width": 240},
+    )
+    table = re.sub(r"\x1b\[[0-9;]*m", "", table)
+    paths = [line.split("│")[1].strip() for line in table.splitlines() if line.startswith("│")]
+    rows = [path for path in paths if path]
+    assert rows == ["WeightNorm_0", "Conv_0", "SpectralNorm_0", "Dense_0"]
+    assert "layer_forward" not in table
