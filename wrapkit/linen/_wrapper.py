@@ -93,6 +93,9 @@ _HANDOFF: contextvars.ContextVar[_Handoff | None] = contextvars.ContextVar(
 
 _HOOKS = ("transform", "argument_errors")
 
+# Where flax creates the classes that nn.remat(Cls), nn.jit(Cls), ... return.
+_LIFTED_CLASSES_MODULE = "flax.linen.transforms"
+
 
 def _describe(wrapper: Any) -> str:
     inner = wrapper.__dict__.get("layer_instance")
@@ -279,6 +282,14 @@ class Wrapper(nn.Module):
                 f"another wrapper cannot reach them. Use wrapkit.linen.{type(inner).__name__}, "
                 "a drop-in with the same arguments and variables."
             )
+        if isinstance(inner, Wrapper) and type(inner).__module__ == _LIFTED_CLASSES_MODULE:
+            raise TypeError(
+                f"{_describe(self)} cannot wrap {type(inner).__name__}, a wrapper lifted by a "
+                "flax transform (nn.remat, nn.jit, ...): the outer transform would have to run "
+                "inside the inner wrapper's trace. Lift a module around the whole stack "
+                f"(nn.remat(Block)), or the outermost wrapper: nn.remat({type(self).__name__})"
+                f"({type(inner).__mro__[1].__name__}(...))."
+            )
         problems = []
         if isinstance(self.delegates, str):
             problems.append(
@@ -366,8 +377,10 @@ def _hand_down(
         _HANDOFF.reset(token)
     if not handoff.taken:
         raise RuntimeError(
-            f"{_describe(stack[0].wrapper)}: the call of {_describe(inner)}.{method} did not "
-            "run a delegated method, so the outer transforms were not applied."
+            f"{_describe(stack[0].wrapper)}: {_describe(inner)}.{method} did not receive the "
+            "outer transforms (its delegated method ran on a module of another class, as a "
+            "lifted transform does), so they were not applied. Lift a module around the "
+            "whole stack instead."
         )
     return result
 
