@@ -193,3 +193,12 @@ def test_batch_norm_inside_the_wrapped_module_updates_its_statistics():
     chex.assert_trees_all_close(stats["var"], 0.5 + 0.5 * h.var(axis=0), rtol=1e-5)
     with pytest.raises(flax.errors.ModifyScopeVariableError, match=r"collection \"batch_stats\""):
         model(nn.WeightNorm).apply(variables, x, True, mutable=["batch_stats"])
+
+
+def test_numpy_integer_feature_axes_are_accepted_like_python_ints():
+    x = jax.random.normal(jax.random.key(2), (1, 6, 6, 2))
+    as_numpy = WeightNorm(nn.Conv(4, (3, 3)), feature_axes=(np.int64(0), np.int32(-1)))
+    as_python = WeightNorm(nn.Conv(4, (3, 3)), feature_axes=(0, -1))
+    variables = as_python.init(jax.random.key(0), x)
+    assert variables["params"]["layer_instance/kernel/scale"].shape == (3, 4)
+    chex.assert_trees_all_equal(as_numpy.apply(variables, x), as_python.apply(variables, x))

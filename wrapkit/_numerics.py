@@ -8,6 +8,7 @@ between flax's classes and wrapkit's.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +30,12 @@ def l2_normalize(x: jax.Array, axis: int | Sequence[int] | None = None, eps: flo
     return x * jax.lax.rsqrt((x * x).sum(axis=axis, keepdims=True) + eps)
 
 
-def canonical_axes(ndim: int, axes: int | Sequence[int]) -> tuple[int, ...] | None:
+def canonical_axes(ndim: int, axes: Integral | Sequence[Integral]) -> tuple[int, ...] | None:
     """``axes`` of an ``ndim``-array, non-negative, sorted and unique; ``None`` if out of range."""
-    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    axes = (axes,) if isinstance(axes, Integral) else tuple(axes)
     if any(not -ndim <= axis < ndim for axis in axes):
         return None
-    return tuple(sorted({axis % ndim for axis in axes}))
+    return tuple(sorted({int(axis) % ndim for axis in axes}))
 
 
 def power_iteration(

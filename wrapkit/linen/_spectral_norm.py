@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import canonicalize_dtype
@@ -55,7 +57,7 @@ class SpectralNorm(Wrapper):
     param_dtype: Dtype = jnp.float32
     error_on_non_matrix: bool = False
     collection_name: str = "batch_stats"
-    variable_filter: VariableFilter = None  # type: ignore[misc]
+    variable_filter: VariableFilter = dataclasses.field(default=None, kw_only=True)
 
     def argument_errors(self) -> list[str]:
         if isinstance(self.n_steps, int) and self.n_steps >= 0:

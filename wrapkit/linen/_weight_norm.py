@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from numbers import Integral
 from typing import Any
 
 import flax.linen as nn
@@ -55,15 +56,13 @@ class WeightNorm(Wrapper):
     use_scale: bool = True
     scale_init: Initializer = nn.initializers.ones
     feature_axes: int | tuple[int, ...] | None = -1
-    variable_filter: Iterable[Any] | None = dataclasses.field(  # type: ignore[misc]
-        default_factory=lambda: {"kernel"}
-    )
+    variable_filter: Iterable[Any] | None = dataclasses.field(default_factory=lambda: {"kernel"})
 
     def argument_errors(self) -> list[str]:
         axes = self.feature_axes
-        if axes is None or isinstance(axes, int):
+        if axes is None or isinstance(axes, Integral):
             return []
-        if isinstance(axes, Iterable) and all(isinstance(axis, int) for axis in axes):
+        if isinstance(axes, Iterable) and all(isinstance(axis, Integral) for axis in axes):
             return []
         return [f"feature_axes must be an int, a tuple of ints or None, got {axes!r}."]
 

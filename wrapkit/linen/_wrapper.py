@@ -30,7 +30,6 @@ from flax.core.meta import AxisMetadata
 from flax.linen.module import wrap_method_once
 
 from .. import _filters
-from .._filters import VariableFilter
 
 _REQUIRED = inspect.Parameter.empty
 
@@ -177,9 +176,13 @@ class Wrapper(nn.Module):
     layer_instance: nn.Module
     delegates: Sequence[str] | None = dataclasses.field(default=None, kw_only=True)
 
-    default_delegates: ClassVar[tuple[str, ...]] = ("__call__",)
-    variable_filter: ClassVar[VariableFilter] = None
-    collections: ClassVar[tuple[str, ...]] = ("params",)
+    # Class settings. They are deliberately not annotated: an annotated ClassVar takes a place
+    # in the dataclass field order, and a subclass that redeclares one as a field (flax's
+    # positional variable_filter of WeightNorm) would inherit that place, shifting its
+    # positional arguments.
+    default_delegates = ("__call__",)
+    variable_filter = None
+    collections = ("params",)
     _call_options: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
