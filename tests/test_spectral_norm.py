@@ -139,3 +139,24 @@ def test_variable_filter_limits_which_matrices_are_normalised():
         "layer_instance/second/kernel/u",
         "layer_instance/second/kernel/sigma",
     }
+
+
+def test_update_stats_is_taken_by_every_delegated_method():
+    class Encoder(nn.Module):
+        def setup(self):
+            self.dense = nn.Dense(3)
+
+        def encode(self, x):
+            return self.dense(x)
+
+    model = SpectralNorm(Encoder(), delegates=("encode",))
+    variables = model.init(jax.random.key(0), X, update_stats=False, method="encode")
+    z, updates = model.apply(
+        variables, X, update_stats=True, method="encode", mutable=["batch_stats"]
+    )
+    kernel = variables["params"]["layer_instance"]["dense"]["kernel"]
+    sigma = updates["batch_stats"]["layer_instance/dense/kernel/sigma"]
+    bias = variables["params"]["layer_instance"]["dense"]["bias"]
+    chex.assert_trees_all_close(z, X @ (kernel / sigma) + bias, rtol=1e-5)
+    with pytest.raises(TypeError, match=r"SpectralNorm\(layer_instance\)\.encode\(\) needs"):
+        model.apply(variables, X, method="encode")
