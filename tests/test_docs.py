@@ -75,3 +75,13 @@ def test_main_job_example_runs(capsys):
     assert "logits float32[4, 10]" in printed
     assert "Conv_0/kernel/scale" in printed
     assert "WeightNorm -> SpectralNorm -> Dense" in printed
+
+
+def test_wrapper_benchmark_runs_and_builds_programs_of_flaxs_size(capsys, monkeypatch):
+    """A smoke run of benchmarks/wrappers.py; its only checked figure is structural."""
+    arguments = ["wrappers.py", "--layers", "2", "--width", "8", "--batch", "2", "--repeats", "1"]
+    monkeypatch.setattr("sys.argv", arguments)
+    runpy.run_path(str(ROOT / "benchmarks" / "wrappers.py"), run_name="__main__")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[2:]] == ["WeightNorm", "SpectralNorm"]
+    assert all(row.split("|")[-2].strip() == "1.00x" for row in rows[2:])
