@@ -440,3 +440,28 @@ def test_flax_tabulate_with_flops_shows_the_inner_call_as_the_wrappers_child():
     rows = [path for path in paths if path]
     assert rows == ["WeightNorm_0", "Conv_0", "SpectralNorm_0", "Dense_0"]
     assert "layer_forward" not in table
+
+
+def test_stacked_wrappers_delegate_the_same_non_call_method():
+    class Top(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            inner = SpectralNorm(AutoEncoder(), delegates=("encode",))
+            return WeightNorm(inner, delegates=("encode",)).encode(x, update_stats=False)
+
+    variables = Top().init(jax.random.key(0), X)
+    params = variables["params"]
+    encoder = params["AutoEncoder_0"]["encoder"]
+    scale = params["WeightNorm_0"]["AutoEncoder_0/encoder/kernel/scale"]
+    u = variables["batch_stats"]["SpectralNorm_0"]["AutoEncoder_0/encoder/kernel/u"]
+    seen = scale * l2_normalize(spectral(encoder["kernel"], u), axis=0)
+    chex.assert_trees_all_close(Top().apply(variables, X), X @ seen + encoder["bias"], rtol=1e-5)
+
+
+def test_outer_wrapper_can_only_delegate_what_the_inner_wrapper_delegates():
+    with pytest.raises(
+        ValueError,
+        match=r"WeightNorm\(SpectralNorm\) delegates 'decode', but SpectralNorm has no method "
+        r"'decode'\. Delegate one of: encode\.",
+    ):
+        WeightNorm(SpectralNorm(AutoEncoder(), delegates=("encode",)), delegates=("decode",))

@@ -300,7 +300,8 @@ class Wrapper(nn.Module):
                 f"{self.delegates!r}; write delegates=({self.delegates!r},)."
             )
         else:
-            available = _public_methods(inner)
+            # A wrapper offers the methods it delegates, whatever its class defines.
+            available = _delegated(inner) if isinstance(inner, Wrapper) else _public_methods(inner)
             for name in _delegated(self):
                 if name != "__call__" and hasattr(type(self), name):
                     problems.append(
