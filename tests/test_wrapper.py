@@ -465,3 +465,22 @@ def test_outer_wrapper_can_only_delegate_what_the_inner_wrapper_delegates():
         r"'decode'\. Delegate one of: encode\.",
     ):
         WeightNorm(SpectralNorm(AutoEncoder(), delegates=("encode",)), delegates=("decode",))
+
+
+def test_name_stack_puts_the_transform_in_the_wrapper_and_the_inner_call_below_it():
+    """What a jaxpr-level tool sees: the normalisation is the wrapper's own work."""
+
+    class Top(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return WeightNorm(nn.Dense(3))(x)
+
+    variables = Top().init(jax.random.key(0), X)
+    jaxpr = jax.make_jaxpr(lambda v, x: Top().apply(v, x))(variables, X)
+    scopes = {}
+    for eqn in jaxpr.jaxpr.eqns:
+        scopes.setdefault(str(eqn.source_info.name_stack), set()).add(eqn.primitive.name)
+    assert set(scopes) == {"Top/WeightNorm_0", "Top/WeightNorm_0/Dense_0"}
+    assert {"rsqrt", "reduce_sum"} <= scopes["Top/WeightNorm_0"]
+    assert "dot_general" in scopes["Top/WeightNorm_0/Dense_0"]
+    assert "dot_general" not in scopes["Top/WeightNorm_0"]
