@@ -66,7 +66,12 @@ def test_readme_starts_with_the_main_job_and_the_test_command():
 
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "readme_command 2" in ci and "mkdocs build --strict" in ci and "ruff check" in ci
+    assert (
+        "readme_command 2" in ci
+        and "mkdocs build --strict" in ci
+        and "ruff check" in ci
+        and "mypy" in ci
+    )
 
 
 def test_main_job_example_runs(capsys):

@@ -7,8 +7,9 @@ between flax's classes and wrapkit's.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
-from numbers import Integral
+from typing import SupportsIndex
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +31,14 @@ def l2_normalize(x: jax.Array, axis: int | Sequence[int] | None = None, eps: flo
     return x * jax.lax.rsqrt((x * x).sum(axis=axis, keepdims=True) + eps)
 
 
-def canonical_axes(ndim: int, axes: Integral | Sequence[Integral]) -> tuple[int, ...] | None:
+def canonical_axes(
+    ndim: int, axes: SupportsIndex | Sequence[SupportsIndex]
+) -> tuple[int, ...] | None:
     """``axes`` of an ``ndim``-array, non-negative, sorted and unique; ``None`` if out of range."""
-    axes = (axes,) if isinstance(axes, Integral) else tuple(axes)
-    if any(not -ndim <= axis < ndim for axis in axes):
+    indices = [operator.index(axis) for axis in (axes if isinstance(axes, Sequence) else [axes])]
+    if any(not -ndim <= axis < ndim for axis in indices):
         return None
-    return tuple(sorted({int(axis) % ndim for axis in axes}))
+    return tuple(sorted({axis % ndim for axis in indices}))
 
 
 def power_iteration(

@@ -78,6 +78,7 @@ def register_wrapper(
     """
     if not isinstance(cls, type):
         raise TypeError(f"register_wrapper expects a class, got {cls!r}.")
+    get_inner: Callable[[Any], Any]
     if isinstance(inner, str):
         attribute = inner
 

@@ -64,7 +64,8 @@ class SpectralNorm(Wrapper):
             return []
         return [f"n_steps must be a non-negative int (0 disables it), got {self.n_steps!r}."]
 
-    def transform(self, leaf: Leaf, *, update_stats: bool) -> jax.Array:
+    # Keyword-only parameters of transform are the wrapper's call options, by design.
+    def transform(self, leaf: Leaf, *, update_stats: bool) -> jax.Array:  # type: ignore[override]
         value = jnp.asarray(leaf.value)
         shape = value.shape
         if value.ndim <= 1 or self.n_steps < 1:

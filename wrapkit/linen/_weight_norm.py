@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
-from numbers import Integral
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, SupportsIndex
 
 import flax.linen as nn
 import jax
@@ -55,14 +54,14 @@ class WeightNorm(Wrapper):
     param_dtype: Dtype = jnp.float32
     use_scale: bool = True
     scale_init: Initializer = nn.initializers.ones
-    feature_axes: int | tuple[int, ...] | None = -1
+    feature_axes: SupportsIndex | Sequence[SupportsIndex] | None = -1
     variable_filter: Iterable[Any] | None = dataclasses.field(default_factory=lambda: {"kernel"})
 
     def argument_errors(self) -> list[str]:
         axes = self.feature_axes
-        if axes is None or isinstance(axes, Integral):
+        if axes is None or isinstance(axes, SupportsIndex):
             return []
-        if isinstance(axes, Iterable) and all(isinstance(axis, Integral) for axis in axes):
+        if isinstance(axes, Sequence) and all(isinstance(axis, SupportsIndex) for axis in axes):
             return []
         return [f"feature_axes must be an int, a tuple of ints or None, got {axes!r}."]
 

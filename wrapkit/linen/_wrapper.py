@@ -22,7 +22,7 @@ import functools
 import inspect
 import types
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -30,6 +30,7 @@ from flax.core.meta import AxisMetadata
 from flax.linen.module import wrap_method_once
 
 from .. import _filters
+from .._filters import VariableFilter
 
 _REQUIRED = inspect.Parameter.empty
 
@@ -180,9 +181,14 @@ class Wrapper(nn.Module):
     # in the dataclass field order, and a subclass that redeclares one as a field (flax's
     # positional variable_filter of WeightNorm) would inherit that place, shifting its
     # positional arguments.
-    default_delegates = ("__call__",)
-    variable_filter = None
-    collections = ("params",)
+    if TYPE_CHECKING:
+        default_delegates: ClassVar[tuple[str, ...]] = ("__call__",)
+        variable_filter: VariableFilter = None
+        collections: ClassVar[tuple[str, ...]] = ("params",)
+    else:
+        default_delegates = ("__call__",)
+        variable_filter = None
+        collections = ("params",)
     _call_options: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
