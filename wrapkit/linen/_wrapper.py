@@ -435,13 +435,13 @@ def _transform_variables(
     inner: nn.Module, variables: dict[str, Any], stack: tuple[_Applied, ...]
 ) -> dict[str, Any]:
     selected = [0] * len(stack)
-    seen: list[str] = []
+    seen: list[tuple[str, str, Any]] = []  # (collection, path, value): for the error only
 
     def transform_leaf(collection: str, keypath: Any, boxed: Any) -> Any:
         path = f"{inner.name}/{jax.tree_util.keystr(keypath, simple=True, separator='/')}"
         metadata = boxed if isinstance(boxed, AxisMetadata) else None
         value = boxed.unbox() if metadata is not None else boxed
-        seen.append(f"{collection}/{path} {tuple(getattr(value, 'shape', ()))}")
+        seen.append((collection, path, value))
         for index, applied in enumerate(stack):
             if collection in applied.wrapper.collections and applied.select(path, value):
                 selected[index] += 1
@@ -460,11 +460,12 @@ def _transform_variables(
     for count, applied in zip(selected, stack, strict=True):
         if count == 0:
             wrapper = applied.wrapper
+            found = ", ".join(f"{c}/{p} {tuple(jax.numpy.shape(v))}" for c, p, v in seen)
             raise ValueError(
                 f"{_describe(wrapper)}: variable_filter "
                 f"{_filters.describe(wrapper.variable_filter)} selects none of the variables "
                 f"of {inner.name} in collections {list(wrapper.collections)}: "
-                f"{', '.join(seen) or 'it has none'}. Filter strings match whole path "
+                f"{found or 'it has none'}. Filter strings match whole path "
                 "elements ('kernel'; 'Baz' also matches Baz_0), globs ('Dense_*') or are "
                 "callables (path, value) -> bool."
             )
