@@ -11,7 +11,7 @@ from flax.typing import Dtype
 
 from .._filters import VariableFilter
 from .._numerics import power_iteration, spectral_normalize
-from ._wrapper import Leaf, Wrapper
+from ._wrapper import Leaf, Wrapper, _describe
 
 
 class SpectralNorm(Wrapper):
@@ -73,7 +73,7 @@ class SpectralNorm(Wrapper):
         if value.ndim > 2:
             if self.error_on_non_matrix:
                 raise ValueError(
-                    f"{type(self).__name__}({self.layer_instance.name}): {leaf.path!r} has "
+                    f"{_describe(self)}: {leaf.path!r} has "
                     f"{value.ndim} dimensions {shape}, but error_on_non_matrix=True. Pass "
                     "error_on_non_matrix=False to normalise it as a matrix of shape "
                     f"{(-1, shape[-1])}, or exclude it with variable_filter."
@@ -81,7 +81,7 @@ class SpectralNorm(Wrapper):
             value = jnp.reshape(value, (-1, shape[-1]))
         if update_stats and not self.is_mutable_collection(self.collection_name):
             raise ValueError(
-                f"{type(self).__name__}({self.layer_instance.name}) was called with "
+                f"{_describe(self)} was called with "
                 f"update_stats=True, but the collection {self.collection_name!r} is not "
                 f"mutable. Pass mutable=[{self.collection_name!r}] to apply, or "
                 "update_stats=False."

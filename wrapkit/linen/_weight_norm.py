@@ -14,7 +14,7 @@ from flax.typing import Dtype, Initializer
 
 from .._numerics import canonical_axes, l2_normalize
 from .._warnings import warn
-from ._wrapper import Leaf, Wrapper
+from ._wrapper import Leaf, Wrapper, _describe
 
 
 class WeightNorm(Wrapper):
@@ -73,7 +73,7 @@ class WeightNorm(Wrapper):
             found = canonical_axes(value.ndim, self.feature_axes)
             if found is None:
                 raise ValueError(
-                    f"{type(self).__name__}({self.layer_instance.name}): feature_axes="
+                    f"{_describe(self)}: feature_axes="
                     f"{self.feature_axes!r} is out of range for {leaf.path!r} of shape "
                     f"{value.shape}. Use axes in [{-value.ndim}, {value.ndim - 1}], or "
                     "feature_axes=None for one norm over all axes."
@@ -85,7 +85,7 @@ class WeightNorm(Wrapper):
             # Normalising each element by its own magnitude leaves sign(x): flax (and torch's
             # weight_norm) define it so, and checkpoints depend on it; say so instead.
             warn(
-                f"{type(self).__name__}({self.layer_instance.name}): {leaf.path!r} of shape "
+                f"{_describe(self)}: {leaf.path!r} of shape "
                 f"{value.shape} has no axis to normalise over (feature_axes="
                 f"{self.feature_axes!r} covers all its axes), so it becomes sign(value) * "
                 "scale, as in flax. To keep it as it is, leave it out of variable_filter "

@@ -177,9 +177,9 @@ class Wrapper(nn.Module):
     layer_instance: nn.Module
     delegates: Sequence[str] | None = dataclasses.field(default=None, kw_only=True)
 
-    # Class settings. They are deliberately not annotated: an annotated ClassVar takes a place
-    # in the dataclass field order, and a subclass that redeclares one as a field (flax's
-    # positional variable_filter of WeightNorm) would inherit that place, shifting its
+    # Class settings, annotated for type checkers only: at run time an annotated ClassVar takes
+    # a place in the dataclass field order, and a subclass that redeclares one as a field
+    # (flax's positional variable_filter of WeightNorm) would inherit that place, shifting its
     # positional arguments.
     if TYPE_CHECKING:
         default_delegates: ClassVar[tuple[str, ...]] = ("__call__",)
