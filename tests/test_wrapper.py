@@ -484,3 +484,26 @@ def test_name_stack_puts_the_transform_in_the_wrapper_and_the_inner_call_below_i
     assert {"rsqrt", "reduce_sum"} <= scopes["Top/WeightNorm_0"]
     assert "dot_general" in scopes["Top/WeightNorm_0/Dense_0"]
     assert "dot_general" not in scopes["Top/WeightNorm_0"]
+
+
+def test_name_stack_puts_each_transform_of_a_stack_in_its_own_wrapper():
+    """The innermost wrapper runs the outer transforms under the outer wrappers' names."""
+
+    class Top(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return WeightNorm(SpectralNorm(nn.Dense(3)))(x, update_stats=False)
+
+    variables = Top().init(jax.random.key(0), X)
+    jaxpr = jax.make_jaxpr(lambda v, x: Top().apply(v, x))(variables, X)
+    scopes = {}
+    for eqn in jaxpr.jaxpr.eqns:
+        scopes.setdefault(str(eqn.source_info.name_stack), set()).add(eqn.primitive.name)
+    assert set(scopes) == {
+        "Top/WeightNorm_0",
+        "Top/WeightNorm_0/SpectralNorm_0",
+        "Top/WeightNorm_0/SpectralNorm_0/Dense_0",
+    }
+    assert "rsqrt" in scopes["Top/WeightNorm_0"]  # the weight norm of the kernel
+    assert "div" in scopes["Top/WeightNorm_0/SpectralNorm_0"]  # W / sigma
+    assert "dot_general" in scopes["Top/WeightNorm_0/SpectralNorm_0/Dense_0"]

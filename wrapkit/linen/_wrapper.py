@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 from flax.core.meta import AxisMetadata
 from flax.linen.module import wrap_method_once
+from jax._src import source_info_util  # the name stack: no public API reads or sets it
 
 from .. import _filters
 from .._filters import VariableFilter
@@ -84,6 +85,10 @@ class _Applied:
     wrapper: Wrapper
     options: dict[str, Any]
     select: Callable[[str, Any], bool]
+    # The name stack of the wrapper's own call. In a stack, the innermost wrapper runs
+    # every transform; each runs under its own wrapper's name stack, so jaxpr-level tools
+    # (the summary engine) attribute its equations to the wrapper that owns it.
+    name_stack: Any
 
 
 # Set by a wrapper around the call of the wrapper it wraps; read once by that call.
@@ -354,7 +359,12 @@ class Wrapper(nn.Module):
                 f"wrapper with delegates={(*self.delegated_methods, method)!r}."
             )
         options = self._take_options(method, kwargs)
-        applied = _Applied(self, options, _filters.compile_filter(self.variable_filter))
+        applied = _Applied(
+            self,
+            options,
+            _filters.compile_filter(self.variable_filter),
+            source_info_util.current_name_stack(),
+        )
         handoff = _HANDOFF.get()
         outer: tuple[_Applied, ...] = ()
         if handoff is not None and isinstance(self, handoff.receiver):
@@ -446,7 +456,8 @@ def _transform_variables(
             if collection in applied.wrapper.collections and applied.select(path, value):
                 selected[index] += 1
                 leaf = Leaf(path, collection, value, metadata)
-                value = applied.wrapper.transform(leaf, **applied.options)
+                with source_info_util.set_name_stack(applied.name_stack):
+                    value = applied.wrapper.transform(leaf, **applied.options)
         return metadata.replace_boxed(value) if metadata is not None else value
 
     out = {
