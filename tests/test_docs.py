@@ -8,6 +8,7 @@ import types
 import pytest
 
 import wrapkit
+import wrapkit.flops
 import wrapkit.linen
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -23,7 +24,9 @@ def public_names(module: types.ModuleType) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("name", public_names(wrapkit) + public_names(wrapkit.linen))
+@pytest.mark.parametrize(
+    "name", public_names(wrapkit) + public_names(wrapkit.linen) + public_names(wrapkit.flops)
+)
 def test_every_public_name_has_an_api_page(name):
     api = "\n".join(page.read_text() for page in (DOCS / "api").glob("*.md"))
     assert f"::: {name}\n" in api
