@@ -1,6 +1,8 @@
 """Wrap a small ResNet with wrapkit and print its outputs and variable tree.
 
 Run:  python examples/wrap_model.py
+Summarise it, seeing through the wrappers (the README's main job):
+      python -m wrapkit summary examples.wrap_model:resnet --input 8x32x32x3 --vjp
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class ResNet(nn.Module):
             x = ResidualBlock(self.features)(x)
         x = jnp.mean(x, axis=(1, 2))
         return SpectralNorm(nn.Dense(self.classes))(x, update_stats=train)
+
+
+def resnet() -> ResNet:
+    """The example model, for ``python -m wrapkit summary examples.wrap_model:resnet``."""
+    return ResNet()
 
 
 def variable_tree(variables: dict, label: str) -> Tree:

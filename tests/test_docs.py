@@ -3,6 +3,7 @@
 import pathlib
 import re
 import runpy
+import shlex
 import types
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 import wrapkit
 import wrapkit.flops
 import wrapkit.linen
+from wrapkit._summary.cli import main as wrapkit_main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -63,7 +65,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_starts_with_the_main_job_and_the_test_command():
     main_job, tests = readme_commands()
-    assert "examples/wrap_model.py" in main_job
+    assert "python -m wrapkit summary examples.wrap_model:resnet" in main_job
     assert "pytest" in tests and ".[test]" in tests
 
 
@@ -77,19 +79,17 @@ def test_ci_runs_the_readme_test_command():
     )
 
 
-def test_main_job_example_runs(capsys):
+def test_main_job_summarises_the_wrapped_example(capsys, monkeypatch):
+    main_job, _ = readme_commands()
+    argv = shlex.split(main_job.split("python -m wrapkit ", 1)[1])
+    monkeypatch.chdir(ROOT)
+    assert wrapkit_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ResNet Summary" in printed and "WeightNorm (wraps Conv)" in printed
+    assert "SpectralNorm (wraps Dense)" in printed and "layer_forward" not in printed
+
+
+def test_wrap_model_example_runs(capsys):
     runpy.run_path(str(ROOT / "examples" / "wrap_model.py"), run_name="__main__")
     printed = capsys.readouterr().out
     assert "logits float32[4, 10]" in printed
-    assert "Conv_0/kernel/scale" in printed
-    assert "WeightNorm -> SpectralNorm -> Dense" in printed
-
-
-def test_wrapper_benchmark_runs_and_builds_programs_of_flaxs_size(capsys, monkeypatch):
-    """A smoke run of benchmarks/wrappers.py; its only checked figure is structural."""
-    arguments = ["wrappers.py", "--layers", "2", "--width", "8", "--batch", "2", "--repeats", "1"]
-    monkeypatch.setattr("sys.argv", arguments)
-    runpy.run_path(str(ROOT / "benchmarks" / "wrappers.py"), run_name="__main__")
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert [row.split("|")[1].strip() for row in rows[2:]] == ["WeightNorm", "SpectralNorm"]
-    assert all(row.split("|")[-2].strip() == "1.00x" for row in rows[2:])

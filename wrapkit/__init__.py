@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
+from . import flops as flops
 from . import linen as linen
 from ._filters import VariableFilter as VariableFilter
 from ._protocol import WrapperProtocol as WrapperProtocol
@@ -12,6 +13,11 @@ from ._protocol import inner as inner
 from ._protocol import is_wrapper as is_wrapper
 from ._protocol import register_wrapper as register_wrapper
 from ._protocol import unwrap as unwrap
+from ._summary.capture_linen import summary as summary
+from ._summary.data import Row as Row
+from ._summary.data import Summary as Summary
+from ._summary.data import VariableStats as VariableStats
+from ._summary.tabulate import tabulate as tabulate
 
 try:
     __version__ = _version("wrapkit")

@@ -1,0 +1,497 @@
+"""wrapkit.summary: rows per call, invariants, wrappers, lifted transforms, flax's failures."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import pathlib
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import wrapkit
+from wrapkit.linen import SpectralNorm, WeightNorm
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+KEY = jax.random.key(0)
+X = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def xla_flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cost["flops"]
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.gelu(nn.Dense(32)(x))
+        x = nn.LayerNorm()(x)
+        return nn.Dense(4)(x)
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(8, (3, 3))(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
+        x = nn.Conv(8, (3, 3), strides=2)(x)
+        return nn.Dense(10)(nn.avg_pool(x, (2, 2)).reshape((x.shape[0], -1)))
+
+
+class Attention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        y = nn.MultiHeadDotProductAttention(num_heads=2)(nn.LayerNorm()(x))
+        return x + nn.Dense(x.shape[-1])(jax.nn.softmax(y))
+
+
+class Wrapped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = WeightNorm(nn.Dense(32))(x)
+        x = nn.WeightNorm(nn.Dense(32))(x)
+        return WeightNorm(SpectralNorm(nn.Dense(4)))(x, update_stats=False)
+
+
+class Shared(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        dense = nn.Dense(16)
+        return dense(nn.tanh(dense(x)))
+
+
+class Scanned(nn.Module):
+    length: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        body = nn.scan(
+            lambda module, carry, _: (nn.tanh(module(carry)), None),
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=self.length,
+        )
+        x, _ = body(nn.Dense(16), x, None)
+        return x
+
+
+class Unrolled(nn.Module):
+    length: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.length):
+            x = nn.tanh(nn.Dense(16)(x))
+        return x
+
+
+MODELS = {
+    "mlp": (MLP(), X),
+    "cnn": (CNN(), jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)),
+    "attention": (Attention(), jax.ShapeDtypeStruct((2, 5, 8), jnp.float32)),
+    "wrapped": (Wrapped(), X),
+    "shared": (Shared(), X),
+    "scanned": (Scanned(), X),
+}
+LOOP_FREE = ["mlp", "cnn", "attention", "wrapped", "shared"]
+
+
+def forward(model):
+    return lambda variables, x: model.apply(variables, x)
+
+
+def loss_vjp(model):
+    def vjp(variables, x):
+        out, pullback = jax.vjp(lambda v, x: model.apply(v, x), variables, x)
+        return out, pullback(jnp.ones(out.shape, out.dtype))
+
+    return vjp
+
+
+# --- invariants ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS), ids=str)
+def summarised(request):
+    model, x = MODELS[request.param]
+    variables = jax.eval_shape(model.init, KEY, x)
+    return request.param, model, x, variables, wrapkit.summary(model, x, vjp=True)
+
+
+def test_own_flops_add_up_to_the_root_total_which_is_the_counters(summarised):
+    _, model, x, variables, table = summarised
+    assert sum(row.own_flops for row in table.rows) == table.root.flops == table.flops
+    assert sum(row.own_transcendentals for row in table.rows) == table.transcendentals
+    assert table.flops == wrapkit.flops.count(forward(model), variables, x).flops
+    assert sum(row.own_vjp_flops for row in table.rows) == table.root.vjp_flops
+    assert table.vjp_flops == table.root.vjp_flops
+
+
+def test_no_child_exceeds_its_parent(summarised):
+    table = summarised[-1]
+    for row in table.rows:
+        for child in (table.rows[index] for index in row.children):
+            assert child.parent == row.index and child.depth == row.depth + 1
+            assert child.flops <= row.flops
+            assert child.vjp_flops <= row.vjp_flops
+            assert child.transcendentals <= row.transcendentals
+
+
+def test_vjp_total_is_the_counters_on_the_models_own_vjp(summarised):
+    _, model, x, variables, table = summarised
+    assert table.vjp_flops == wrapkit.flops.count(loss_vjp(model), variables, x).flops
+
+
+@pytest.mark.parametrize("name", LOOP_FREE)
+def test_loop_free_totals_match_xla_cost_analysis(name):
+    model, x = MODELS[name]
+    variables = jax.eval_shape(model.init, KEY, x)
+    table = wrapkit.summary(model, x, variables=variables, vjp=True)
+    assert table.flops == pytest.approx(xla_flops(forward(model), variables, x), rel=0.01)
+    assert table.vjp_flops == pytest.approx(xla_flops(loss_vjp(model), variables, x), rel=0.01)
+
+
+def test_variables_per_row_and_totals_match_the_variable_tree():
+    model, x = MODELS["cnn"]
+    variables = jax.eval_shape(model.init, KEY, x)
+    table = wrapkit.summary(model, x)
+    for collection, tree in variables.items():
+        leaves = jax.tree_util.tree_leaves(tree)
+        count = sum(int(np.prod(leaf.shape)) for leaf in leaves)
+        assert table.variables[collection].count == count
+        assert table.variables[collection].bytes == 4 * count
+        assert (
+            sum(
+                row.variables[collection].count
+                for row in table.rows
+                if collection in row.variables and not row.repeated
+            )
+            == count
+        )
+    (batch_norm,) = table.find("BatchNorm_0")
+    assert batch_norm.variables["batch_stats"].count == 16  # mean and var of 8 features
+    assert batch_norm.variables["params"].count == 16  # scale and bias
+
+
+def test_rows_record_paths_types_methods_and_shapes():
+    table = wrapkit.summary(MLP(), X)
+    assert [(row.name, row.module_type, row.method, row.depth) for row in table] == [
+        ("", "MLP", "__call__", 0),
+        ("Dense_0", "Dense", "__call__", 1),
+        ("LayerNorm_0", "LayerNorm", "__call__", 1),
+        ("Dense_1", "Dense", "__call__", 1),
+    ]
+    dense = table.rows[1]
+    assert dense.inputs == ((X,), {})
+    assert dense.outputs == jax.ShapeDtypeStruct((8, 32), jnp.float32)
+    # Dense(32) on 8x16: 2*8*16*32 multiply-add FLOPs, 8*32 bias additions.
+    assert dense.own_flops == 2 * 8 * 16 * 32 + 8 * 32
+
+
+# --- wrappers -----------------------------------------------------------------------------
+
+
+def test_wrapper_rows_hold_the_transform_and_the_inner_call_is_their_child():
+    table = wrapkit.summary(Wrapped(), X, vjp=True)
+    wrapkit_wn, flax_wn, outer, spectral = (
+        table.find("WeightNorm_0")[0],
+        table.find("WeightNorm_1")[0],
+        table.find("WeightNorm_2")[0],
+        table.find("SpectralNorm_0")[0],
+    )
+    for wrapper, inner_path, fan_in in [(wrapkit_wn, "Dense_0", 16), (flax_wn, "Dense_1", 32)]:
+        assert wrapper.wrapper and wrapper.own_flops > 0
+        (child,) = (table.rows[index] for index in wrapper.children)
+        assert (child.name, child.module_type, child.method) == (inner_path, "Dense", "__call__")
+        assert child.own_flops == 2 * 8 * fan_in * 32 + 8 * 32
+    assert "layer_forward" not in {row.method for row in table}
+    # A stack: each transform on its own wrapper's row, the matmul on the Dense row.
+    assert [table.rows[index].name for index in outer.children] == ["SpectralNorm_0"]
+    assert [table.rows[index].name for index in spectral.children] == ["Dense_2"]
+    assert outer.own_flops > 0 and spectral.own_flops > outer.own_flops  # power iteration
+
+
+def test_weight_norm_row_costs_the_normalisation_of_its_kernel():
+    table = wrapkit.summary(WeightNorm(nn.Dense(32)), X)
+    kernel = jax.ShapeDtypeStruct((16, 32), jnp.float32)
+    scale = jax.ShapeDtypeStruct((32,), jnp.float32)
+
+    def normalise(kernel, scale):
+        return kernel * jax.lax.rsqrt(jnp.sum(kernel * kernel, axis=0) + 1e-12) * scale
+
+    expected = wrapkit.flops.count(normalise, kernel, scale)
+    assert table.root.own_flops == expected.flops
+    assert table.root.own_transcendentals == expected.transcendentals == 32
+
+
+def test_delegated_method_names_the_inner_row():
+    class AutoEncoder(nn.Module):
+        def setup(self):
+            self.enc = nn.Dense(4)
+            self.dec = nn.Dense(16)
+
+        def encode(self, x):
+            return self.enc(x)
+
+        def __call__(self, x):
+            return self.dec(self.encode(x))
+
+    wrapped = WeightNorm(AutoEncoder(), delegates=("encode",))
+    table = wrapkit.summary(wrapped, X, method="encode")
+    assert [(row.module_type, row.method, row.depth) for row in table] == [
+        ("WeightNorm", "encode", 0),
+        ("AutoEncoder", "encode", 1),
+        ("Dense", "__call__", 2),
+    ]
+
+
+# --- flax's failures, each a regression test ----------------------------------------------
+
+
+def test_flax_layer_forward__wrapped_layers_summarise_with_flops_and_real_rows():
+    """flax 3735: tabulate(compute_flops=True) crashed on WeightNorm, then hid the row."""
+    model = nn.WeightNorm(nn.Conv(4, (3, 3)))
+    table = wrapkit.summary(model, jax.ShapeDtypeStruct((1, 6, 6, 2), jnp.float32), vjp=True)
+    assert [(row.name, row.module_type, row.method) for row in table] == [
+        ("", "WeightNorm", "__call__"),
+        ("layer_instance", "Conv", "__call__"),  # the field holding it: its real path
+    ]
+    assert table.rows[1].flops > 0 and table.rows[1].vjp_flops > 0
+
+
+def test_flax_counts_a_scan_body_once__summary_counts_body_times_length():
+    scanned = wrapkit.summary(Scanned(length=10), X)
+    unrolled = wrapkit.summary(Unrolled(length=10), X)
+    assert scanned.flops == unrolled.flops
+    (body,) = scanned.find("Dense_0")
+    step = 2 * 8 * 16 * 16 + 8 * 16  # one Dense(16) on 8x16
+    assert body.flops == 10 * step
+    # XLA's cost analysis (flax's source) counts the body once.
+    variables = jax.eval_shape(Scanned(length=10).init, KEY, X)
+    assert xla_flops(forward(Scanned(length=10)), variables, X) < scanned.flops / 5
+
+
+def test_flax_shows_one_slice_of_vmap__summary_counts_the_batch():
+    class Ensemble(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            dense = nn.vmap(
+                nn.Dense,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=None,
+                axis_size=5,
+            )
+            return dense(4)(x)
+
+    table = wrapkit.summary(Ensemble(), X)
+    (member,) = [row for row in table if row.module_type == "Dense"]
+    assert member.flops == 5 * (2 * 8 * 16 * 4 + 8 * 4)
+
+
+def test_flax_hides_repeated_calls__gpt2_tied_attend_has_its_row_and_flops():
+    gpt2 = load_example("gpt2.py")
+    model = gpt2.gpt2_tiny()
+    config = model.config
+    tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    table = wrapkit.summary(model, tokens, vjp=True)
+    (attend,) = table.find("wte", "attend")
+    assert attend.repeated and attend.parent == 0
+    assert attend.flops == 2 * 2 * 16 * config.d_model * config.vocab_size
+    variables = jax.eval_shape(model.init, KEY, tokens)
+    assert table.flops == wrapkit.flops.count(forward(model), variables, tokens).flops
+    assert table.flops == pytest.approx(xla_flops(forward(model), variables, tokens), rel=0.01)
+
+
+def test_flax_child_backward_above_parent__vjp_shares_nest():
+    """flax differentiates each call alone; shares of one VJP can never exceed the parent."""
+    gpt2 = load_example("gpt2.py")
+    table = wrapkit.summary(gpt2.gpt2_tiny(), jax.ShapeDtypeStruct((2, 16), jnp.int32), vjp=True)
+    for row in table:
+        for index in row.children:
+            assert table.rows[index].vjp_flops <= row.vjp_flops
+
+
+def test_flax_rejects_abstract_inputs__summary_takes_shape_dtype_structs():
+    model = CNN()
+    x = jnp.ones((2, 8, 8, 3))
+    variables = model.init(KEY, x)
+    concrete = wrapkit.summary(model, x, variables=variables, rngs=KEY, vjp=True)
+    abstract = wrapkit.summary(
+        model,
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        variables=jax.eval_shape(lambda: variables),
+        vjp=True,
+    )
+    assert concrete.to_dict() == abstract.to_dict()
+
+
+# --- lifted transforms --------------------------------------------------------------------
+
+
+def test_remat_recomputation_shows_in_the_vjp_only():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16)(jnp.tanh(nn.Dense(16)(x)))
+
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Block()(x)
+
+    class Remat(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.remat(Block)()(x)
+
+    plain = wrapkit.summary(Plain(), X, vjp=True)
+    remat = wrapkit.summary(Remat(), X, vjp=True)
+    assert remat.flops == plain.flops
+    # The backward pass recomputes the first Dense and the tanh (not the last Dense).
+    recomputed = 2 * 8 * 16 * 16 + 8 * 16
+    assert remat.vjp_flops == plain.vjp_flops + recomputed
+
+
+def test_jit_inside_the_model_is_traced_through():
+    class Jitted(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.jit(nn.Dense)(16)(x)
+            return jax.jit(lambda y: y @ y.T)(x)
+
+    table = wrapkit.summary(Jitted(), X)
+    (dense,) = [row for row in table if row.module_type == "Dense"]
+    assert dense.own_flops == 2 * 8 * 16 * 16 + 8 * 16
+    assert table.root.own_flops == 2 * 8 * 8 * 16
+
+
+# --- options ------------------------------------------------------------------------------
+
+
+def test_rngs_are_optional_and_values_do_not_matter():
+    class Noisy(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dropout(0.5, deterministic=False)(nn.Dense(16)(x))
+
+    default = wrapkit.summary(Noisy(), X)
+    given = wrapkit.summary(Noisy(), X, rngs={"params": KEY, "dropout": jax.random.key(1)})
+    assert default.flops == given.flops > 0
+
+
+def test_method_kwargs_and_mutable_reach_the_module():
+    model, x = MODELS["cnn"]
+    evaluating = wrapkit.summary(model, x, train=False)
+    training = wrapkit.summary(model, x, train=True, mutable=["batch_stats"])
+    assert training.flops > evaluating.flops  # batch statistics are computed
+    with pytest.raises(ValueError, match=r"BatchNorm at path 'BatchNorm_0'"):
+        wrapkit.summary(model, x, train=True)  # batch_stats is not mutable
+
+
+def test_queries_by_module_and_primitive():
+    table = wrapkit.summary(Shared(), X, vjp=True)
+    assert len(table.find("Dense_0")) == 2
+    assert table.find("Dense_0")[1].repeated and not table.find("Dense_0")[0].repeated
+    assert table.by_module()["Dense_0"] == 2 * (2 * 8 * 16 * 16 + 8 * 16)
+    assert sum(table.by_module(vjp=True).values()) == table.vjp_flops
+    assert table.by_primitive()["dot_general"].flops == 2 * (2 * 8 * 16 * 16)
+    assert json.loads(table.to_json())["rows"][1]["inputs"] == [["float32[8, 16]"], {}]
+    with pytest.raises(ValueError, match=r"no VJP FLOPs\. Make it with"):
+        wrapkit.summary(Shared(), X).by_module(vjp=True)
+
+
+def test_abstract_summary_of_a_model_far_larger_than_memory():
+    class Huge(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(200_000)(nn.Dense(200_000)(x))  # 40e9 params: 160 GB
+
+    table = wrapkit.summary(Huge(), jax.ShapeDtypeStruct((1, 200_000), jnp.float32), vjp=True)
+    assert table.variables["params"].count == 2 * (200_000 * 200_000 + 200_000)
+    assert table.flops == 2 * (2 * 200_000 * 200_000 + 200_000)
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def test_wrong_input_shape_names_the_module_where_the_trace_failed():
+    variables = jax.eval_shape(MLP().init, KEY, X)
+    with pytest.raises(ValueError, match=r"in Dense at path 'Dense_0' \(__call__\)"):
+        wrapkit.summary(MLP(), jax.ShapeDtypeStruct((8, 5), jnp.float32), variables=variables)
+
+
+def test_a_failure_while_initialising_names_the_module_too():
+    class Fold(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(x.reshape((7, -1)))  # 8 rows do not fold into 7
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Fold()(nn.Dense(16)(x))
+
+    with pytest.raises(
+        ValueError,
+        match=r"failed while initialising Model, in Fold at path 'Fold_0' \(__call__\) with "
+        r"inputs \[\['float32\[8, 16\]'\], \{\}\]: TypeError",
+    ):
+        wrapkit.summary(Model(), X)
+
+
+def test_not_a_linen_module_is_a_type_error():
+    with pytest.raises(TypeError, match=r"expects a flax\.linen\.Module, got function"):
+        wrapkit.summary(lambda x: x, X)
+
+
+def test_scanned_layers_count_like_the_loop_and_earlier_traces_get_no_rows():
+    gpt2 = load_example("gpt2.py")
+    tokens = jax.ShapeDtypeStruct((1, 16), jnp.int32)
+    config = dict(n_layer=3, d_model=64, n_head=4, vocab_size=256)
+    looped = wrapkit.summary(gpt2.gpt2(**config), tokens)
+    scanned = wrapkit.summary(gpt2.gpt2(scan_layers=True, **config), tokens)
+    assert scanned.flops == looped.flops
+    (layers,) = scanned.find("h")  # nn.scan traces its body twice; one row
+    assert layers.flops == sum(looped.find(f"h_{i}")[0].flops for i in range(3))
+    assert not any(row.repeated for row in scanned if row.name.startswith("h"))
+
+
+def test_vjp_differentiates_the_output_not_the_returned_variables():
+    model, x = MODELS["mlp"]
+    plain = wrapkit.summary(model, x, vjp=True)
+    mutable = wrapkit.summary(model, x, vjp=True, mutable=nn.DenyList("intermediates"))
+    assert mutable.vjp_flops == plain.vjp_flops
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["gc-on", "gc-off"])
+def test_the_garbage_collector_is_restored_even_after_an_error(enabled):
+    variables = jax.eval_shape(MLP().init, KEY, X)
+    (gc.enable if enabled else gc.disable)()
+    try:
+        wrapkit.summary(MLP(), X)
+        assert gc.isenabled() is enabled
+        with pytest.raises(ValueError):
+            wrapkit.summary(MLP(), jax.ShapeDtypeStruct((8, 5), jnp.float32), variables=variables)
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
