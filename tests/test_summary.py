@@ -323,7 +323,28 @@ def test_flax_hides_repeated_calls__gpt2_tied_attend_has_its_row_and_flops():
 
 
 def test_flax_child_backward_above_parent__vjp_shares_nest():
-    """flax differentiates each call alone; shares of one VJP can never exceed the parent."""
+    """flax differentiates each call on its own: here Mix's VJP (1.6M) above its parent's (0).
+
+    The parent's output does not depend on any variable (stop_gradient), so its VJP needs
+    no backward pass at all; wrapkit's shares of the one VJP show exactly that.
+    """
+
+    class Mix(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.tanh(x @ x.T).sum()
+
+    class Parent(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Mix()(jax.lax.stop_gradient(nn.Dense(64)(x)))
+
+    table = wrapkit.summary(Parent(), jax.ShapeDtypeStruct((64, 8), jnp.float32), vjp=True)
+    assert table.vjp_flops == table.flops  # the forward pass, and no backward
+    for row in table:
+        assert row.own_vjp_flops == row.own_flops
+        for index in row.children:
+            assert table.rows[index].vjp_flops <= row.vjp_flops
     gpt2 = load_example("gpt2.py")
     table = wrapkit.summary(gpt2.gpt2_tiny(), jax.ShapeDtypeStruct((2, 16), jnp.int32), vjp=True)
     for row in table:
@@ -457,6 +478,35 @@ def test_a_failure_while_initialising_names_the_module_too():
         r"inputs \[\['float32\[8, 16\]'\], \{\}\]: TypeError",
     ):
         wrapkit.summary(Model(), X)
+
+
+class Loops(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8)(x)
+        q, _ = jnp.linalg.qr(x)  # no FLOP rule for qr
+        steps = 2 + jnp.int32(x[0, 0] > 0)  # known only at run time: a while loop
+        x = jax.lax.fori_loop(0, steps, lambda i, y: jnp.tanh(y), q)
+        return jax.lax.cond(x.sum() > 0, lambda: x * 2, lambda: jnp.exp(x))
+
+
+def test_unsupported_primitives_while_loops_and_branches_are_reported():
+    with pytest.warns(UserWarning, match=r"No FLOP rule for primitive\(s\) qr") as caught:
+        table = wrapkit.summary(Loops(), jax.ShapeDtypeStruct((8, 8), jnp.float32))
+    assert len(caught) == 1 and caught[0].filename == __file__
+    assert table.unsupported == ("qr",)
+    assert table.lower_bound and table.branches == 1
+    notes = table.to_markdown()
+    assert "not counted: qr" in notes and "a while loop was counted once" in notes
+
+
+def test_a_model_that_cannot_be_differentiated_says_so():
+    with pytest.raises(
+        ValueError,
+        match=r"traced Loops, but not its VJP: .*\nSummarise without vjp=True to count the "
+        r"forward pass only\.",
+    ):
+        wrapkit.summary(Loops(), jax.ShapeDtypeStruct((8, 8), jnp.float32), vjp=True)
 
 
 def test_not_a_linen_module_is_a_type_error():

@@ -287,14 +287,20 @@ def _trace_error(
     module: nn.Module, failed: _Call | None, doing: str, error: Exception
 ) -> ValueError:
     """The error for a failed trace, naming the path and method of the call that failed."""
+    name = type(module).__name__
+    if failed is None and doing == "differentiating":
+        return ValueError(
+            f"wrapkit.summary traced {name}, but not its VJP: {type(error).__name__}: "
+            f"{error}\nSummarise without vjp=True to count the forward pass only."
+        )
     where = (
         f"{failed.module_type} at path '{'/'.join(failed.path) or '<root>'}' "
         f"({failed.method}) with inputs {describe(failed.inputs)}"
         if failed is not None
-        else type(module).__name__
+        else name
     )
     return ValueError(
-        f"wrapkit.summary failed while {doing} {type(module).__name__}, in {where}: "
+        f"wrapkit.summary failed while {doing} {name}, in {where}: "
         f"{type(error).__name__}: {error}\nCheck the input shapes and dtypes against what "
         "this module expects."
     )
