@@ -1,6 +1,7 @@
 """Rendering summaries: the rich table, the markdown table, and wrapkit.tabulate against flax's."""
 
 import dataclasses
+import inspect
 import io
 import pathlib
 import re
@@ -592,3 +593,12 @@ def test_the_docs_page_shows_what_its_code_prints(capsys):
     assert len(shown) == 3
     for block in shown:
         assert block in printed
+
+
+def test_tabulate_takes_flaxs_parameters_in_flaxs_order_with_flaxs_defaults():
+    ours = inspect.signature(wrapkit.tabulate).parameters
+    theirs = inspect.signature(nn.tabulate).parameters
+    assert list(ours) == list(theirs)
+    assert [(p.kind, p.default) for p in ours.values()] == [
+        (p.kind, p.default) for p in theirs.values()
+    ]
