@@ -36,7 +36,6 @@ class _Call:
     """A module method call as the interceptor saw it (mutable while tracing)."""
 
     id: int
-    parent: _Call | None
     path: tuple[str, ...]
     module_type: str
     method: str
@@ -71,7 +70,6 @@ class _Recorder:
         parent = self.stack[-1] if self.stack else None
         call = _Call(
             id=next(self.ids),
-            parent=parent,
             path=tuple(module.path) if module.scope is not None else (),
             module_type=type(module).__name__,
             method=method,
@@ -368,7 +366,6 @@ class _Rows:
             first = roots[0] if roots else None
             root = _Call(
                 id=-1,
-                parent=None,
                 path=(),
                 module_type=first.module_type if first else "?",
                 method=first.method if first else "?",
@@ -434,8 +431,8 @@ class _Rows:
             result = list(values)
             for index in range(count - 1, 0, -1):  # children come after their parents
                 parent = self.parent[index]
-                assert parent is not None
-                result[parent] += result[index]
+                if parent is not None:
+                    result[parent] += result[index]
             return result
 
         own_flops = [cost[0] for cost in self.own["forward"]]

@@ -284,9 +284,7 @@ class Summary:
 def describe(value: Any) -> Any:
     """Arrays as ``"float32[8, 3]"``; containers kept; other values as ``repr``."""
     if isinstance(value, jax.ShapeDtypeStruct | jax.Array | np.ndarray):
-        return f"{np.dtype(value.dtype).name if _is_numpy(value.dtype) else value.dtype}" + (
-            f"[{', '.join(str(d) for d in value.shape)}]"
-        )
+        return f"{value.dtype}[{', '.join(str(d) for d in value.shape)}]"
     if isinstance(value, Mapping):
         return {str(key): describe(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
@@ -294,14 +292,6 @@ def describe(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return repr(value)
-
-
-def _is_numpy(dtype: Any) -> bool:
-    try:
-        np.dtype(dtype)
-    except TypeError:
-        return False
-    return True
 
 
 def _row_dict(row: Row) -> dict[str, Any]:
