@@ -170,20 +170,19 @@ class Summary:
         )
 
     def subtree_variables(self, row: Row) -> Mapping[str, VariableStats]:
-        """The variables of ``row`` and of every call below it, each module counted once.
+        """The variables of ``row`` and of every call below it, as a table cut there shows.
 
-        This is what a row stands for when a table is cut at its depth.
+        Each module's variables count at its first call (a ``repeated`` row adds nothing),
+        so the rows of a cut table add up to [`variables`][wrapkit.Summary].
         """
-        seen: set[tuple[str, ...]] = set()
         totals: dict[str, VariableStats] = {}
         stack = [row.index]
         while stack:
             current = self.rows[stack.pop()]
-            if current.path not in seen:
-                seen.add(current.path)
+            if not current.repeated:
                 for name, stats in current.variables.items():
                     totals[name] = totals.get(name, VariableStats()) + stats
-            stack.extend(reversed(current.children))
+            stack.extend(current.children)
         return MappingProxyType(totals)
 
     def by_module(self, *, vjp: bool = False) -> Mapping[str, int]:

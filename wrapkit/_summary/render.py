@@ -8,7 +8,7 @@ how it looks (rich dims the secondary part of a cell, markdown keeps it as plain
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -187,7 +187,7 @@ def _layout(
     cells = []
     for row in rows:
         cut = depth is not None and row.depth == depth
-        variables = _first_call_variables(summary, row) if cut else _own_variables(row)
+        variables = summary.subtree_variables(row) if cut else _own_variables(row)
         cells.append(
             tuple(_call_cell(summary, row, column) for column in shown)
             + tuple(_stats_cell(variables.get(name, VariableStats())) for name in collections)
@@ -285,29 +285,6 @@ def _stats_cell(stats: VariableStats) -> _Cell:
 def _own_variables(row: Row) -> Mapping[str, VariableStats]:
     # A repeated call's variables were shown at the module's first call.
     return {} if row.repeated else row.variables
-
-
-def _first_call_variables(summary: Summary, row: Row) -> Mapping[str, VariableStats]:
-    """The variables of the first calls in ``row``'s subtree, so that cut rows add up.
-
-    ``Summary.subtree_variables`` counts each module once per subtree; a module shared between
-    two subtrees would then be counted in both rows of a cut table, and a repeated call would
-    count its variables again.
-    """
-    totals: dict[str, VariableStats] = {}
-    for current in _subtree(summary, row):
-        if not current.repeated:
-            for name, stats in current.variables.items():
-                totals[name] = totals.get(name, VariableStats()) + stats
-    return totals
-
-
-def _subtree(summary: Summary, row: Row) -> Iterator[Row]:
-    stack = [row.index]
-    while stack:
-        current = summary.rows[stack.pop()]
-        yield current
-        stack.extend(reversed(current.children))
 
 
 def _notes(summary: Summary) -> tuple[str, ...]:
