@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src.interpreters import partial_eval as pe  # dce_jaxpr: no public equivalent
 from jax.extend import core as jex_core
+from jax.interpreters import partial_eval as pe
 
 from .. import flops as _flops
 from .._protocol import is_wrapper
