@@ -491,13 +491,29 @@ class Loops(nn.Module):
 
 
 def test_unsupported_primitives_while_loops_and_branches_are_reported():
-    with pytest.warns(UserWarning, match=r"No FLOP rule for primitive\(s\) qr") as caught:
+    with pytest.warns(
+        wrapkit.flops.UnsupportedPrimitiveWarning,
+        match=r"No FLOP rule for primitive\(s\) qr; wrapkit\.summary counted them as 0 and "
+        r"lists them in Summary\.unsupported\. Add a rule with "
+        r"@wrapkit\.flops\.register_rule\('qr'\)",
+    ) as caught:
         table = wrapkit.summary(Loops(), jax.ShapeDtypeStruct((8, 8), jnp.float32))
     assert len(caught) == 1 and caught[0].filename == __file__
     assert table.unsupported == ("qr",)
     assert table.lower_bound and table.branches == 1
     notes = table.to_markdown()
     assert "not counted: qr" in notes and "a while loop was counted once" in notes
+
+
+def test_one_warning_for_the_forward_pass_and_the_vjp_together():
+    class Solve(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.linalg.qr(nn.Dense(8)(x))[0]
+
+    with pytest.warns(wrapkit.flops.UnsupportedPrimitiveWarning) as caught:
+        table = wrapkit.summary(Solve(), jax.ShapeDtypeStruct((8, 8), jnp.float32), vjp=True)
+    assert len(caught) == 1 and "qr" in table.unsupported
 
 
 def test_a_model_that_cannot_be_differentiated_says_so():

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import gc
 import itertools
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -26,6 +27,7 @@ from jax.interpreters import partial_eval as pe
 
 from .. import flops as _flops
 from .._protocol import is_wrapper
+from .._warnings import warn
 from .data import Row, Summary, VariableStats, describe
 
 _MARKER = "wrapkit-call-"
@@ -235,13 +237,27 @@ def _summary(
 
     calls = _calls_in(recorder, forward)
     rows = _Rows(calls)
-    forward_count = _flops.count_jaxpr(forward, on_cost=rows.attributor("forward"))
-    vjp_count = None
-    if vjp:
-        vjp_count = _flops.count_jaxpr(
-            _dce(traced, [True] * len(traced.out_avals)), on_cost=rows.attributor("vjp")
+    # The counter warns about primitives it has no rule for at each count; one summary
+    # warns once, for the forward pass and the VJP together.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _flops.UnsupportedPrimitiveWarning)
+        forward_count = _flops.count_jaxpr(forward, on_cost=rows.attributor("forward"))
+        vjp_count = None
+        if vjp:
+            vjp_count = _flops.count_jaxpr(
+                _dce(traced, [True] * len(traced.out_avals)), on_cost=rows.attributor("vjp")
+            )
+    result = rows.summary(module, variables, forward_count, vjp_count)
+    if result.unsupported:
+        first = result.unsupported[0]
+        warn(
+            f"No FLOP rule for primitive(s) {', '.join(result.unsupported)}; "
+            f"wrapkit.summary counted them as 0 and lists them in Summary.unsupported. Add "
+            f"a rule with @wrapkit.flops.register_rule({first!r}); a rule is "
+            "`rule(eqn) -> Cost`, and wrapkit.flops.elementwise(flops=...) makes one.",
+            _flops.UnsupportedPrimitiveWarning,
         )
-    return rows.summary(module, variables, forward_count, vjp_count)
+    return result
 
 
 def _prepare_rngs(rngs: Any) -> dict[str, Any]:
