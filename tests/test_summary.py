@@ -264,6 +264,49 @@ def test_delegated_method_names_the_inner_row():
     ]
 
 
+class Pair(nn.Module):
+    def setup(self):
+        self.first = nn.Dense(16)
+        self.second = nn.Dense(16)
+
+    def __call__(self, x):
+        return self.second(self.first(x))
+
+    def half(self, x):
+        return self.first(x) / 2
+
+
+def test_setup_is_not_a_row_and_the_root_is_the_call():
+    table = wrapkit.summary(Pair(), X)
+    assert [(row.name, row.method, row.depth, row.repeated) for row in table] == [
+        ("", "__call__", 0, False),
+        ("first", "__call__", 1, False),
+        ("second", "__call__", 1, False),
+    ]
+
+
+def test_a_method_function_calling_several_methods_gets_one_row_above_them():
+    def both(module, x):
+        return module(x) + module.half(x)
+
+    table = wrapkit.summary(Pair(), X, method=both)
+    assert [(row.name, row.method, row.depth, row.repeated) for row in table] == [
+        ("", "both", 0, False),
+        ("", "__call__", 1, False),
+        ("first", "__call__", 2, False),
+        ("second", "__call__", 2, False),
+        ("", "half", 1, True),
+        ("first", "__call__", 2, True),
+    ]
+    dense = 2 * 8 * 16 * 16 + 8 * 16
+    assert table.root.own_flops == 8 * 16  # the addition in ``both``
+    assert table.rows[4].own_flops == 8 * 16  # the division in ``half``
+    assert table.flops == 3 * dense + 2 * 8 * 16
+    assert table.root.variables == {} and table.subtree_variables(table.root)["params"].count == (
+        2 * (16 * 16 + 16)
+    )
+
+
 # --- flax's failures, each a regression test ----------------------------------------------
 
 

@@ -31,6 +31,7 @@ from .._warnings import warn
 from .data import Row, Summary, VariableStats, describe
 
 _MARKER = "wrapkit-call-"
+_SYNTHETIC = -1  # the id of the row above several top-level calls
 
 
 @dataclasses.dataclass
@@ -236,7 +237,7 @@ def _summary(
     forward = _dce(traced, [index < outputs for index in range(len(traced.out_avals))])
 
     calls = _calls_in(recorder, forward)
-    rows = _Rows(calls)
+    rows = _Rows(calls, module, method, _abstract((args, kwargs)))
     # The counter warns about primitives it has no rule for at each count; one summary
     # warns once, for the forward pass and the VJP together.
     with warnings.catch_warnings():
@@ -368,26 +369,35 @@ def _markers_in(jaxpr: jex_core.Jaxpr) -> set[int]:
     return found
 
 
+def _visible(calls: list[_Call]) -> list[_Call]:
+    """``calls``, each transparent one replaced by its own visible callees."""
+    return [
+        shown
+        for call in calls
+        for shown in (_visible(call.children) if call.transparent else [call])
+    ]
+
+
 class _Rows:
     """Turns the call tree into rows, and attributes counted equations to them."""
 
-    def __init__(self, roots: list[_Call]) -> None:
+    def __init__(self, roots: list[_Call], module: nn.Module, method: Any, inputs: Any) -> None:
         self.calls: list[_Call] = []
         self.parent: list[int | None] = []
         self.depth: list[int] = []
         self.row_of_call: dict[int, int] = {}
-        if len(roots) == 1 and not roots[0].transparent:
-            root = roots[0]
-        else:  # method= a function calling several methods: one synthetic root above them
-            first = roots[0] if roots else None
+        visible = _visible(roots)
+        if len(visible) == 1:
+            root = visible[0]
+        else:  # ``method=`` a function calling several methods: one row above them all
             root = _Call(
-                id=-1,
+                id=_SYNTHETIC,
                 path=(),
-                module_type=first.module_type if first else "?",
-                method=first.method if first else "?",
-                wrapper=False,
-                inputs=None,
-                children=list(roots),
+                module_type=type(module).__name__,
+                method=getattr(method, "__name__", None) or str(method or "__call__"),
+                wrapper=is_wrapper(module),
+                inputs=inputs,
+                children=visible,
             )
         self._add(root, None, 0)
         self.own = {
@@ -460,6 +470,9 @@ class _Rows:
         seen: set[tuple[str, ...]] = set()
         rows = []
         for index, call in enumerate(self.calls):
+            # The row above several top-level calls is not a call of the module: its
+            # variables are on the module's own call.
+            synthetic = call.id == _SYNTHETIC
             rows.append(
                 Row(
                     index=index,
@@ -471,8 +484,12 @@ class _Rows:
                     method=call.method,
                     inputs=call.inputs,
                     outputs=call.outputs,
-                    variables=_own_variables(variables, call.path, paths),
-                    repeated=call.path in seen,
+                    variables=(
+                        MappingProxyType({})
+                        if synthetic
+                        else _own_variables(variables, call.path, paths)
+                    ),
+                    repeated=not synthetic and call.path in seen,
                     wrapper=call.wrapper,
                     own_flops=own_flops[index],
                     flops=flops[index],
@@ -482,7 +499,8 @@ class _Rows:
                     vjp_flops=vjp_flops[index] if vjp is not None else None,
                 )
             )
-            seen.add(call.path)
+            if not synthetic:
+                seen.add(call.path)
         if flops[0] != forward.flops or (vjp is not None and vjp_flops[0] != vjp.flops):
             raise AssertionError("wrapkit bug: the rows' FLOPs do not add up to the total")
         unsupported = set(forward.unsupported) | set(vjp.unsupported if vjp else ())
