@@ -263,6 +263,25 @@ def test_delegated_method_names_the_inner_row():
         ("Dense", "__call__", 2),
     ]
 
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            autoencoder = WeightNorm(AutoEncoder(), delegates=("encode", "__call__"))
+            return autoencoder(x) + autoencoder.encode(x).sum()
+
+    table = wrapkit.summary(Model(), X)
+    assert [(row.name, row.method, row.depth, row.repeated) for row in table] == [
+        ("", "__call__", 0, False),
+        ("WeightNorm_0", "__call__", 1, False),
+        ("AutoEncoder_0", "__call__", 2, False),
+        ("AutoEncoder_0", "encode", 3, True),  # AutoEncoder.__call__ calls self.encode
+        ("AutoEncoder_0/enc", "__call__", 4, False),
+        ("AutoEncoder_0/dec", "__call__", 3, False),
+        ("WeightNorm_0", "encode", 1, True),
+        ("AutoEncoder_0", "encode", 2, True),
+        ("AutoEncoder_0/enc", "__call__", 3, True),
+    ]
+
 
 class Pair(nn.Module):
     def setup(self):

@@ -26,7 +26,7 @@ from jax.extend import core as jex_core
 from jax.interpreters import partial_eval as pe
 
 from .. import flops as _flops
-from .._protocol import is_wrapper
+from .._protocol import delegated_methods, is_wrapper
 from .._warnings import warn
 from .data import Row, Summary, VariableStats, describe
 
@@ -65,10 +65,15 @@ class _Recorder:
     def __call__(self, next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
         module = context.module
         method = context.method_name
+        wrapper = is_wrapper(module)
         transparent = (
             method == "setup"
-            or not callable(getattr(type(module), method, None))
             or (method.startswith("_") and not method.startswith("__"))
+            or not (
+                callable(getattr(type(module), method, None))
+                # A wrapper's per-instance delegates are its methods too.
+                or (wrapper and method in delegated_methods(module))
+            )
         )
         parent = self.stack[-1] if self.stack else None
         call = _Call(
@@ -76,7 +81,7 @@ class _Recorder:
             path=tuple(module.path) if module.scope is not None else (),
             module_type=type(module).__name__,
             method=method,
-            wrapper=is_wrapper(module),
+            wrapper=wrapper,
             inputs=_abstract((args, kwargs)),
             transparent=transparent,
         )
