@@ -602,3 +602,14 @@ def test_tabulate_takes_flaxs_parameters_in_flaxs_order_with_flaxs_defaults():
     assert [(p.kind, p.default) for p in ours.values()] == [
         (p.kind, p.default) for p in theirs.values()
     ]
+
+
+def test_a_summary_shows_itself_in_a_repl_in_rich_and_in_notebooks():
+    summary = wrapkit.summary(
+        nn.Sequential([nn.Dense(3), nn.Dense(2)]), jax.ShapeDtypeStruct((2, 4), jnp.float32)
+    )
+    assert repr(summary) == f"Summary(Sequential, 3 calls, flops={summary.flops:,})"
+    console = rich.console.Console(file=io.StringIO(), width=200)
+    console.print(summary)
+    assert "Sequential Summary" in console.file.getvalue()
+    assert summary._repr_markdown_() == summary.to_markdown() == str(summary)

@@ -97,7 +97,7 @@ class Row:
         return "/".join(self.path)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Summary:
     """A per-call table of a model: shapes, variables and FLOPs, from one abstract trace.
 
@@ -277,6 +277,18 @@ class Summary:
         return rich_table(self, depth=depth, **table_kwargs)
 
     def __str__(self) -> str:
+        return self.to_markdown()
+
+    def __repr__(self) -> str:
+        vjp = "" if self.vjp_flops is None else f", vjp_flops={self.vjp_flops:,}"
+        return f"Summary({self.module_type}, {len(self.rows)} calls, flops={self.flops:,}{vjp})"
+
+    def __rich__(self) -> Any:
+        """``rich.print(summary)`` prints the table."""
+        return self.to_rich()
+
+    def _repr_markdown_(self) -> str:
+        """Notebooks show the markdown table."""
         return self.to_markdown()
 
 
