@@ -523,6 +523,16 @@ def test_wrong_input_shape_names_the_module_where_the_trace_failed():
         wrapkit.summary(MLP(), jax.ShapeDtypeStruct((8, 5), jnp.float32), variables=variables)
 
 
+def test_wrong_input_dtype_names_the_module_too():
+    gpt2 = load_example("gpt2.py")
+    with pytest.raises(
+        ValueError,
+        match=r"in Embed at path 'wte' \(__call__\) with inputs \[\['float32\[2, 16\]'\], "
+        r"\{\}\]: ValueError: Input type must be an integer",
+    ):
+        wrapkit.summary(gpt2.gpt2_tiny(), jax.ShapeDtypeStruct((2, 16), jnp.float32))
+
+
 def test_a_failure_while_initialising_names_the_module_too():
     class Fold(nn.Module):
         @nn.compact
