@@ -613,3 +613,6 @@ def test_a_summary_shows_itself_in_a_repl_in_rich_and_in_notebooks():
     console.print(summary)
     assert "Sequential Summary" in console.file.getvalue()
     assert summary._repr_markdown_() == summary.to_markdown() == str(summary)
+    single = wrapkit.summary(nn.Dense(3), jax.ShapeDtypeStruct((2, 4), jnp.float32), vjp=True)
+    flops = 2 * 2 * 4 * 3 + 2 * 3  # matmul and bias
+    assert repr(single) == f"Summary(Dense, 1 call, flops={flops}, vjp_flops={single.vjp_flops})"

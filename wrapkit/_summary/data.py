@@ -281,7 +281,8 @@ class Summary:
 
     def __repr__(self) -> str:
         vjp = "" if self.vjp_flops is None else f", vjp_flops={self.vjp_flops:,}"
-        return f"Summary({self.module_type}, {len(self.rows)} calls, flops={self.flops:,}{vjp})"
+        calls = f"{len(self.rows)} call{'' if len(self.rows) == 1 else 's'}"
+        return f"Summary({self.module_type}, {calls}, flops={self.flops:,}{vjp})"
 
     def __rich__(self) -> Any:
         """``rich.print(summary)`` prints the table."""
