@@ -134,6 +134,13 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
+def _projection(config: LlamaConfig, features: int, name: str) -> nn.Dense:
+    """A bias-free Dense layer, as every Llama projection is."""
+    return nn.Dense(
+        features, use_bias=False, kernel_init=_weights, param_dtype=config.param_dtype, name=name
+    )
+
+
 class Attention(nn.Module):
     """Causal self-attention with rotary embeddings and grouped key/value heads."""
 
@@ -145,18 +152,12 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         heads, kv_heads, head_dim = config.n_head, config.kv_heads, config.head_dim
 
-        def projection(features: int, name: str) -> nn.Dense:
-            return nn.Dense(
-                features,
-                use_bias=False,
-                kernel_init=_weights,
-                param_dtype=config.param_dtype,
-                name=name,
-            )
+        def split_heads(name: str, count: int) -> jax.Array:
+            y = _projection(config, count * head_dim, name)(x)
+            return y.reshape(batch, length, count, head_dim)
 
-        q = projection(heads * head_dim, "q_proj")(x).reshape(batch, length, heads, head_dim)
-        k = projection(kv_heads * head_dim, "k_proj")(x).reshape(batch, length, kv_heads, head_dim)
-        v = projection(kv_heads * head_dim, "v_proj")(x).reshape(batch, length, kv_heads, head_dim)
+        q = split_heads("q_proj", heads)
+        k, v = split_heads("k_proj", kv_heads), split_heads("v_proj", kv_heads)
         positions = jnp.arange(length)
         q, k = rotary(q, positions, config.rope_theta), rotary(k, positions, config.rope_theta)
 
@@ -167,7 +168,7 @@ class Attention(nn.Module):
         scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores.astype(jnp.float32)).astype(x.dtype)
         y = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(batch, length, heads * head_dim)
-        return projection(config.d_model, "o_proj")(y)
+        return _projection(config, config.d_model, "o_proj")(y)
 
 
 class SwiGLU(nn.Module):
@@ -179,18 +180,9 @@ class SwiGLU(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         config = self.config
 
-        def projection(features: int, name: str) -> nn.Dense:
-            return nn.Dense(
-                features,
-                use_bias=False,
-                kernel_init=_weights,
-                param_dtype=config.param_dtype,
-                name=name,
-            )
-
-        gate = projection(config.mlp_hidden, "gate_proj")(x)
-        up = projection(config.mlp_hidden, "up_proj")(x)
-        return projection(config.d_model, "down_proj")(nn.silu(gate) * up)
+        gate = _projection(config, config.mlp_hidden, "gate_proj")(x)
+        up = _projection(config, config.mlp_hidden, "up_proj")(x)
+        return _projection(config, config.d_model, "down_proj")(nn.silu(gate) * up)
 
 
 class DecoderBlock(nn.Module):
