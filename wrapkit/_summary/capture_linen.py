@@ -250,9 +250,8 @@ def _summary(
         forward_count = _flops.count_jaxpr(forward, on_cost=rows.attributor("forward"))
         vjp_count = None
         if vjp:
-            vjp_count = _flops.count_jaxpr(
-                _dce(traced, [True] * len(traced.out_avals)), on_cost=rows.attributor("vjp")
-            )
+            # The counter drops the program's dead code itself.
+            vjp_count = _flops.count_jaxpr(traced, on_cost=rows.attributor("vjp"))
     result = rows.summary(module, variables, forward_count, vjp_count)
     if result.unsupported:
         first = result.unsupported[0]
