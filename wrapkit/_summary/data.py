@@ -198,10 +198,8 @@ class Summary:
         Raises:
             ValueError: ``vjp=True`` on a summary made without ``vjp=True``.
         """
-        if vjp and self.vjp_flops is None:
-            raise ValueError(
-                "This summary has no VJP FLOPs. Make it with wrapkit.summary(..., vjp=True)."
-            )
+        if vjp:
+            self._require_vjp()
         totals: dict[str, int] = {}
         for row in self.rows:
             own = row.own_vjp_flops if vjp else row.own_flops
@@ -217,11 +215,15 @@ class Summary:
         Raises:
             ValueError: ``vjp=True`` on a summary made without ``vjp=True``.
         """
-        if vjp and self.vjp_flops is None:
+        if vjp:
+            self._require_vjp()
+        return self.vjp_primitives if vjp else self.primitives
+
+    def _require_vjp(self) -> None:
+        if self.vjp_flops is None:
             raise ValueError(
                 "This summary has no VJP FLOPs. Make it with wrapkit.summary(..., vjp=True)."
             )
-        return self.vjp_primitives if vjp else self.primitives
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as JSON-ready builtins; arrays become ``"float32[8, 3]"`` strings."""
