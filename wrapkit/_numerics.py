@@ -21,7 +21,7 @@ def l2_normalize(x: jax.Array, axis: int | Sequence[int] | None = None, eps: flo
     ``eps`` keeps a zero vector finite, output and gradient both: the result is 0 and the
     gradient ``rsqrt(eps)``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from wrapkit._numerics import l2_normalize
         >>> l2_normalize(jnp.array([3.0, 4.0]))
@@ -71,7 +71,7 @@ def spectral_normalize(
     Returns:
         ``(normalised matrix, sigma)``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from wrapkit._numerics import power_iteration, spectral_normalize
         >>> w = jnp.diag(jnp.array([4.0, 1.0]))

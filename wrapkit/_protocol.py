@@ -67,7 +67,7 @@ def register_wrapper(
     Raises:
         TypeError: ``cls`` is not a class, or ``inner`` is neither a string nor callable.
 
-    Example:
+    Examples:
         >>> import wrapkit
         >>> class Box:
         ...     def __init__(self, content):
@@ -119,7 +119,7 @@ def _registration(obj: Any) -> _Registration | None:
 def is_wrapper(obj: Any) -> bool:
     """Whether ``obj`` wraps another module (by the protocol or by registration).
 
-    Example:
+    Examples:
         >>> import flax.linen as nn, wrapkit
         >>> wrapped = wrapkit.linen.WeightNorm(nn.Dense(4))
         >>> wrapkit.is_wrapper(wrapped), wrapkit.is_wrapper(nn.Dense(4))
@@ -143,7 +143,7 @@ def inner(wrapper: Any) -> Any:
     Raises:
         TypeError: ``wrapper`` is not a wrapper.
 
-    Example:
+    Examples:
         >>> import flax.linen as nn, wrapkit
         >>> wrapkit.inner(nn.WeightNorm(nn.Dense(4))).features
         4
@@ -159,7 +159,7 @@ def delegated_methods(wrapper: Any) -> tuple[str, ...]:
     Raises:
         TypeError: ``wrapper`` is not a wrapper.
 
-    Example:
+    Examples:
         >>> import flax.linen as nn, wrapkit
         >>> wrapkit.delegated_methods(nn.SpectralNorm(nn.Dense(4)))
         ('__call__',)
@@ -174,7 +174,7 @@ def chain(module: Any) -> tuple[Any, ...]:
 
     A module that is not a wrapper gives a one-element tuple.
 
-    Example:
+    Examples:
         >>> import flax.linen as nn
         >>> from wrapkit import chain
         >>> from wrapkit.linen import SpectralNorm, WeightNorm
@@ -190,7 +190,7 @@ def chain(module: Any) -> tuple[Any, ...]:
 def unwrap(module: Any) -> Any:
     """The innermost module under any number of wrappers (``module`` itself if unwrapped).
 
-    Example:
+    Examples:
         >>> import flax.linen as nn
         >>> from wrapkit import unwrap
         >>> from wrapkit.linen import SpectralNorm, WeightNorm

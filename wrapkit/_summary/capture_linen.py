@@ -149,7 +149,7 @@ def summary(
         ValueError: the trace failed (wrong input shapes or dtypes ...); the message names
             the module path and method where it failed. The original error is chained.
 
-    Example:
+    Examples:
         >>> import flax.linen as nn, jax, jax.numpy as jnp, wrapkit
         >>> x = jax.ShapeDtypeStruct((8, 3), jnp.float32)
         >>> table = wrapkit.summary(wrapkit.linen.WeightNorm(nn.Dense(4)), x)

@@ -105,7 +105,7 @@ def input_spec(spec: str) -> jax.ShapeDtypeStruct:
     Raises:
         argparse.ArgumentTypeError: a malformed spec; the message says how to write it.
 
-    Example:
+    Examples:
         >>> input_spec("1x128:int32")
         ShapeDtypeStruct(shape=(1, 128), dtype=int32)
         >>> input_spec("scalar")

@@ -73,7 +73,7 @@ def tabulate(
     Returns:
         A function of the forward pass's ``*args, **kwargs`` that returns the table.
 
-    Example:
+    Examples:
         >>> import flax.linen as nn, jax, jax.numpy as jnp, wrapkit
         >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
         >>> x = jax.ShapeDtypeStruct((16, 9), jnp.float32)

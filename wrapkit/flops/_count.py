@@ -454,7 +454,7 @@ def count_jaxpr(
         TypeError: if ``jaxpr`` is not a jaxpr, ``rules`` not a mapping of names to callables,
             or ``on_cost`` not callable.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from wrapkit import flops
         >>> def mlp(x, w1, w2):
@@ -531,7 +531,7 @@ def count(
     Raises:
         TypeError: if ``fn`` is not callable, or ``rules`` is not a mapping of names to rules.
 
-    Example:
+    Examples:
         >>> import jax
         >>> from wrapkit import flops
         >>> x = jax.ShapeDtypeStruct((8, 16), "float32")

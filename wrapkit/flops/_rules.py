@@ -31,7 +31,7 @@ class Cost:
 
     Costs add, and multiply by an integer (a loop's trip count).
 
-    Example:
+    Examples:
         >>> from wrapkit.flops import Cost
         >>> 3 * (Cost(flops=2) + Cost(transcendentals=1))
         Cost(flops=6, transcendentals=3)
@@ -89,7 +89,7 @@ def register_rule(*names: str) -> Callable[[_Rule], _Rule]:
         TypeError: if no name is given, a name is not a string, or the decorated object is not
             callable.
 
-    Example:
+    Examples:
         >>> import jax
         >>> from wrapkit import flops
         >>> double = jax.extend.core.Primitive("double")
@@ -205,7 +205,7 @@ def elementwise(flops: int = 1, transcendentals: int = 0) -> FlopRule:
     Raises:
         ValueError: if a count is negative or not an integer.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from wrapkit import flops
         >>> eqn = jax.make_jaxpr(jnp.sin)(jnp.ones((2, 5))).eqns[0]
@@ -238,7 +238,7 @@ def reduction(flops: int = 1, transcendentals: int = 0) -> FlopRule:
     Raises:
         ValueError: if a count is negative or not an integer.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from wrapkit import flops
         >>> eqn = jax.make_jaxpr(lambda x: x.sum(axis=1))(jnp.ones((4, 10))).eqns[0]

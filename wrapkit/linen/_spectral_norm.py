@@ -40,7 +40,7 @@ class SpectralNorm(Wrapper):
             [`Wrapper`][wrapkit.linen.Wrapper]. Not in flax's class.
         delegates: the inner module's methods to normalise for (default ``("__call__",)``).
 
-    Example:
+    Examples:
         >>> import flax.linen as nn, jax, jax.numpy as jnp
         >>> from wrapkit.linen import SpectralNorm
         >>> model = SpectralNorm(nn.Dense(3))

@@ -40,7 +40,7 @@ class WeightNorm(Wrapper):
             [`Wrapper`][wrapkit.linen.Wrapper]. ``None`` or empty selects all.
         delegates: the inner module's methods to normalise for (default ``("__call__",)``).
 
-    Example:
+    Examples:
         >>> import flax.linen as nn, jax, jax.numpy as jnp
         >>> from wrapkit.linen import WeightNorm
         >>> model = WeightNorm(nn.Dense(3))

@@ -167,7 +167,7 @@ class Wrapper(nn.Module):
             is an error.
         collections: the variable collections the transform applies to.
 
-    Example:
+    Examples:
         >>> import flax.linen as nn, jax, jax.numpy as jnp
         >>> from wrapkit.linen import Wrapper
         >>> class Doubled(Wrapper):
