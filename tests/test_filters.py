@@ -10,7 +10,7 @@ from wrapkit.linen import WeightNorm
 
 
 def selects(variable_filter, path):
-    return _filters.compile_filter(variable_filter)(path, None)
+    return _filters.compile_filter(variable_filter)(path, None, False)
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_filter_selecting_nothing_names_the_filter_and_the_variables():
     with pytest.raises(
         ValueError,
         match=r"WeightNorm\(layer_instance\): variable_filter \{'kernl'\} selects none of the "
-        r"variables of layer_instance in collections \['params'\]: "
+        r"variables that Dense\.__call__ can reach in collections \['params'\]: "
         r"params/layer_instance/bias \(3,\), params/layer_instance/kernel \(2, 3\)\.",
     ):
         model.init(jax.random.key(0), jnp.ones((1, 2)))

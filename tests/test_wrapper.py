@@ -170,14 +170,19 @@ def test_read_access_to_inner_attributes():
     assert WeightNorm(SpectralNorm(nn.Conv(8, (3, 3)))).kernel_size == (3, 3)
 
 
-def test_undelegated_inner_method_is_not_reachable_through_the_wrapper():
-    wrapped = WeightNorm(AutoEncoder())
+def test_undelegated_inner_method_cannot_read_what_the_wrapper_transforms():
+    class Top(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return WeightNorm(AutoEncoder()).encode(x)
+
     with pytest.raises(
-        AttributeError,
-        match=r"WeightNorm\(AutoEncoder\) does not delegate 'encode', so calling it would skip "
-        r"the wrapper\. Build it with delegates=\('__call__', 'encode'\)",
+        TypeError,
+        match=r"WeightNorm\(AutoEncoder_0\) does not delegate 'encode', and "
+        r"AutoEncoder\.encode reads params/AutoEncoder_0/\w+/kernel, which WeightNorm "
+        r"transforms: .* Build the wrapper with delegates=\('__call__', 'encode'\)",
     ):
-        wrapped.encode  # noqa: B018
+        Top().init(jax.random.key(0), X)
 
 
 def test_missing_attribute_is_an_attribute_error():
@@ -342,7 +347,7 @@ def test_several_problems_are_reported_together():
         match=r"(?s)WeightNorm\(AutoEncoder\) has 2 problems:\n"
         r"  - delegates 'attend', but AutoEncoder has no method 'attend'\. "
         r"Delegate one of: __call__, decode, encode\.\n"
-        r"  - feature_axes must be an int, a tuple of ints or None, got 'last'\.",
+        r"  - feature_axes must be an int, a tuple of ints or None, got 'last'",
     ):
         WeightNorm(AutoEncoder(), feature_axes="last", delegates=("encode", "attend"))
 
@@ -367,7 +372,8 @@ def test_calling_a_method_that_is_not_delegated():
     model = WeightNorm(AutoEncoder(), delegates=("encode",))
     with pytest.raises(
         TypeError,
-        match=r"WeightNorm\(layer_instance\) does not delegate __call__; it delegates encode\.",
+        match=r"WeightNorm\(layer_instance\) does not delegate '__call__', and "
+        r"AutoEncoder\.__call__ reads params/layer_instance/\w+/kernel",
     ):
         model.init(jax.random.key(0), X)
 
@@ -507,3 +513,37 @@ def test_name_stack_puts_each_transform_of_a_stack_in_its_own_wrapper():
     assert "rsqrt" in scopes["Top/WeightNorm_0"]  # the weight norm of the kernel
     assert "div" in scopes["Top/WeightNorm_0/SpectralNorm_0"]  # W / sigma
     assert "dot_general" in scopes["Top/WeightNorm_0/SpectralNorm_0/Dense_0"]
+
+
+def test_lifted_inner_wrapper_error_recommends_what_works():
+    """The fix the error names is tested: flax's nn.remat traces keyword arguments, so the
+    outermost wrapper is only recommended when no wrapper in the stack takes a call option."""
+    dense = nn.Dense(3)
+    with pytest.raises(TypeError) as with_options:
+        WeightNorm(nn.remat(SpectralNorm)(dense))
+    assert "nn.remat(Block), where Block builds WeightNorm(SpectralNorm(...))" in str(
+        with_options.value
+    )
+    assert "the outermost wrapper" not in str(with_options.value)
+
+    with pytest.raises(
+        TypeError,
+        match=r"or the outermost wrapper: nn\.remat\(WeightNorm\)\(WeightNorm\(\.\.\.\)\)",
+    ):
+        WeightNorm(nn.remat(WeightNorm)(dense))
+    recommended = nn.remat(WeightNorm)(WeightNorm(nn.Dense(3)))
+    x = jnp.ones((2, 4))
+    variables = recommended.init(jax.random.key(0), x)
+    plain = WeightNorm(WeightNorm(nn.Dense(3)))
+    np.testing.assert_allclose(
+        recommended.apply(variables, x), plain.apply(variables, x), rtol=1e-6
+    )
+
+
+def test_a_module_class_as_inner_module_names_the_fix():
+    with pytest.raises(
+        TypeError,
+        match=r"WeightNorm expects a flax\.linen\.Module instance to wrap, got the class "
+        r"flax\.linen\.linear\.Dense\. Build the module first: WeightNorm\(Dense\(\.\.\.\)\)\.",
+    ):
+        WeightNorm(nn.Dense)

@@ -79,13 +79,26 @@ def check(variable_filter: VariableFilter) -> list[str]:
     ]
 
 
-def compile_filter(variable_filter: VariableFilter) -> Callable[[str, Any], bool]:
-    """A predicate ``(path, value) -> bool`` for the filter (see the module docstring)."""
+def compile_filter(variable_filter: VariableFilter) -> Callable[[str, Any, bool], bool]:
+    """A predicate ``(path, value, owned) -> bool`` for the filter (module docstring).
+
+    ``owned`` says the variable is another wrapper's own (a scale or statistic named
+    ``"<module>/<path>/scale"``): string entries and ``None`` never select those, so a
+    wrapper around a block that contains a wrapper leaves that wrapper's variables alone.
+    A callable entry sees them, and decides.
+    """
     items = entries(variable_filter)
     if not items:
-        return lambda path, value: True
-    matchers = [_string_matcher(item) if isinstance(item, str) else item for item in items]
-    return lambda path, value: any(match(path, value) for match in matchers)
+        return lambda path, value, owned: not owned
+    strings = [_string_matcher(item) for item in items if isinstance(item, str)]
+    callables = [item for item in items if not isinstance(item, str)]
+
+    def select(path: str, value: Any, owned: bool) -> bool:
+        return any(match(path, value) for match in callables) or (
+            not owned and any(match(path, value) for match in strings)
+        )
+
+    return select
 
 
 def describe(variable_filter: VariableFilter) -> str:

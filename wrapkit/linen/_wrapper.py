@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 from flax.core.meta import AxisMetadata
 from flax.linen.module import wrap_method_once
+from flax.linen.transforms import get_module_scopes
 from jax._src import source_info_util  # the name stack: no public API reads or sets it
 
 from .. import _filters
@@ -84,11 +85,13 @@ class _Applied:
 
     wrapper: Wrapper
     options: dict[str, Any]
-    select: Callable[[str, Any], bool]
+    select: Callable[[str, Any, bool], bool]
     # The name stack of the wrapper's own call. In a stack, the innermost wrapper runs
     # every transform; each runs under its own wrapper's name stack, so jaxpr-level tools
     # (the summary engine) attribute its equations to the wrapper that owns it.
     name_stack: Any
+    # False for a method the wrapper does not delegate: selected variables are unreadable.
+    delegated: bool = True
 
 
 # Set by a wrapper around the call of the wrapper it wraps; read once by that call.
@@ -132,10 +135,12 @@ def _public_methods(module: nn.Module) -> list[str]:
 
 @functools.cache
 def _delegating_method(name: str) -> Callable[..., Any]:
-    """A compact Module method named ``name`` that delegates to the inner module.
+    """A compact Module method named ``name`` that calls the inner module's ``name``.
 
     Flax names a method call after the function's ``__name__`` (interceptors, named scopes),
-    so ``wrapper.encode(x)`` is seen as a call of ``encode`` on the wrapper.
+    so ``wrapper.encode(x)`` is seen as a call of ``encode`` on the wrapper. Whether the call
+    is delegated (transformed variables) or passed through (selected variables unreadable)
+    is decided when it runs, from the wrapper's delegated methods.
     """
 
     def method(self: Wrapper, *args: Any, **kwargs: Any) -> Any:
@@ -258,9 +263,9 @@ class Wrapper(nn.Module):
         except AttributeError:
             if name.startswith("_") or "layer_instance" not in self.__dict__:
                 raise
+        inner = self.__dict__["layer_instance"]
         if name in _delegated(self):
             return types.MethodType(_delegating_method(name), self)
-        inner = self.__dict__["layer_instance"]
         try:
             value = getattr(inner, name)
         except AttributeError:
@@ -269,16 +274,29 @@ class Wrapper(nn.Module):
                 f"{type(inner).__name__} it wraps."
             ) from None
         if inspect.ismethod(value) and isinstance(value.__self__, nn.Module):
+            # Not delegated: the method runs on the inner module with every variable this
+            # wrapper would transform made unreadable, so a method that needs no selected
+            # variable (an RNN cell's initialize_carry) works, and one that reads them
+            # raises instead of silently using raw weights.
+            return types.MethodType(_delegating_method(name), self)
+        if any(isinstance(leaf, nn.Module) for leaf in jax.tree_util.tree_leaves(value)):
             raise AttributeError(
-                f"{_describe(self)} does not delegate {name!r}, so calling it would skip the "
-                f"wrapper. Build it with delegates={(*self.delegated_methods, name)!r}, or "
-                f"call the inner module directly."
+                f"{_describe(self)}: {name!r} is a submodule of the {type(inner).__name__} it "
+                "wraps; called through the wrapper it would run on untransformed weights. "
+                f"Delegate a method of {type(inner).__name__} that calls it (delegates=...), "
+                "or wrap that submodule itself."
             )
         return value
 
     @nn.nowrap
     def _check_arguments(self) -> None:
         inner = self.layer_instance
+        if isinstance(inner, type) and issubclass(inner, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} expects a flax.linen.Module instance to wrap, got the "
+                f"class {inner.__module__}.{inner.__qualname__}. Build the module first: "
+                f"{type(self).__name__}({inner.__name__}(...))."
+            )
         if not isinstance(inner, nn.Module):
             hint = (
                 " wrapkit.linen wrappers wrap Linen modules; this is an NNX module."
@@ -297,12 +315,22 @@ class Wrapper(nn.Module):
                 "a drop-in with the same arguments and variables."
             )
         if isinstance(inner, Wrapper) and type(inner).__module__ == _LIFTED_CLASSES_MODULE:
+            wrapped_class: type[Wrapper] = type(inner).__mro__[1]
+            # flax's lifted transforms trace keyword arguments, so lifting the outermost
+            # wrapper only works when no wrapper in the stack takes a call option.
+            options = self._call_options or wrapped_class._call_options
+            outermost = (
+                ""
+                if options
+                else f", or the outermost wrapper: nn.remat({type(self).__name__})"
+                f"({wrapped_class.__name__}(...))"
+            )
             raise TypeError(
                 f"{_describe(self)} cannot wrap {type(inner).__name__}, a wrapper lifted by a "
                 "flax transform (nn.remat, nn.jit, ...): the outer transform would have to run "
                 "inside the inner wrapper's trace. Lift a module around the whole stack "
-                f"(nn.remat(Block)), or the outermost wrapper: nn.remat({type(self).__name__})"
-                f"({type(inner).__mro__[1].__name__}(...))."
+                f"(nn.remat(Block), where Block builds {type(self).__name__}("
+                f"{wrapped_class.__name__}(...))){outermost}."
             )
         problems = []
         if isinstance(self.delegates, str):
@@ -335,16 +363,22 @@ class Wrapper(nn.Module):
             )
 
     @nn.nowrap
-    def _take_options(self, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _read_options(self, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """This wrapper's call options, read (not removed) from the call's keywords.
+
+        In a stack every wrapper reads its own options from the same keywords, so two
+        wrappers taking ``update_stats`` both receive it; the innermost wrapper removes all
+        of them before it calls the wrapped module.
+        """
         options = {}
         for name, default in self._call_options.items():
             if name in kwargs:
-                options[name] = kwargs.pop(name)
+                options[name] = kwargs[name]
             elif default is _REQUIRED:
                 raise TypeError(
                     f"{_describe(self)}.{method}() needs the keyword argument {name!r}: "
                     f"{type(self).__name__} takes it on every delegated call (it is not "
-                    f"passed to {type(self.layer_instance).__name__})."
+                    f"passed to {type(unwrap_linen(self)).__name__})."
                 )
             else:
                 options[name] = default
@@ -352,18 +386,13 @@ class Wrapper(nn.Module):
 
     @nn.nowrap
     def _delegate(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if method not in self.delegated_methods:
-            raise TypeError(
-                f"{_describe(self)} does not delegate {method}; it delegates "
-                f"{', '.join(self.delegated_methods)}. Call one of those, or build the "
-                f"wrapper with delegates={(*self.delegated_methods, method)!r}."
-            )
-        options = self._take_options(method, kwargs)
+        delegated = method in self.delegated_methods
         applied = _Applied(
             self,
-            options,
+            self._read_options(method, kwargs) if delegated else {},
             _filters.compile_filter(self.variable_filter),
             source_info_util.current_name_stack(),
+            delegated,
         )
         handoff = _HANDOFF.get()
         outer: tuple[_Applied, ...] = ()
@@ -376,9 +405,19 @@ class Wrapper(nn.Module):
             inner = self.layer_instance
             if isinstance(inner, Wrapper):
                 return _hand_down(inner, method, stack, args, kwargs)
+            taken = {name for entry in stack for name in entry.options}
+            kwargs = {name: value for name, value in kwargs.items() if name not in taken}
             return _call_with_view(inner, method, stack, args, kwargs, self.is_initializing())
         finally:
             _HANDOFF.reset(token)
+
+
+def unwrap_linen(wrapper: Wrapper) -> nn.Module:
+    """The innermost module under a stack of wrapkit wrappers."""
+    module: nn.Module = wrapper
+    while isinstance(module, Wrapper):
+        module = module.__dict__["layer_instance"]
+    return module
 
 
 def _hand_down(
@@ -413,24 +452,20 @@ def _call_with_view(
     kwargs: dict[str, Any],
     initializing: bool,
 ) -> Any:
-    """Runs ``inner.method`` on a view of its variables transformed by ``stack``."""
+    """Runs ``inner.method`` on a view of its variables transformed by ``stack``.
+
+    The view covers every scope the call can reach: the inner module's own (with the
+    modules it defines in ``setup`` or ``@nn.compact``), modules it holds as dataclass
+    fields (passed in by a parent: ``nn.Sequential``'s layers, ``nn.Bidirectional``'s
+    RNNs, shared instances) and modules passed as arguments of the call.
+    """
     if initializing:
         # Create the inner module's variables with their initial (raw) values; the view
         # below needs them to exist. Flax's WeightNorm stores its normalised view as the
         # raw parameter instead.
         getattr(inner, method)(*args, **kwargs)
     collections = tuple(dict.fromkeys(c for applied in stack for c in applied.wrapper.collections))
-    mapped_scopes = 0
-
-    def view(variables: dict[str, Any]) -> dict[str, Any]:
-        nonlocal mapped_scopes
-        mapped_scopes += 1
-        # map_variables maps every module scope the call reaches, the wrapped module's
-        # first and then modules passed as arguments; only the first is the wrapped one.
-        if mapped_scopes > 1:
-            return variables
-        return _transform_variables(inner, variables, stack)
-
+    view = _View(inner, method, stack, _mapped_scope_names(inner, args, kwargs))
     lifted = nn.map_variables(
         getattr(type(inner), method),
         collections,
@@ -441,43 +476,144 @@ def _call_with_view(
     return lifted(inner, *args, **kwargs)
 
 
-def _transform_variables(
-    inner: nn.Module, variables: dict[str, Any], stack: tuple[_Applied, ...]
-) -> dict[str, Any]:
-    selected = [0] * len(stack)
-    seen: list[tuple[str, str, Any]] = []  # (collection, path, value): for the error only
+def _mapped_scope_names(
+    inner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[str, ...]:
+    """How variables are named in each scope ``nn.map_variables`` maps for ``inner``.
 
-    def transform_leaf(collection: str, keypath: Any, boxed: Any) -> Any:
-        path = f"{inner.name}/{jax.tree_util.keystr(keypath, simple=True, separator='/')}"
+    ``nn.map_variables`` calls its view function once per scope, in the order of flax's
+    ``get_module_scopes`` (modules in call arguments, then modules in dataclass fields,
+    depth first, then the module's own scope), leaving out scopes that lie inside another
+    listed scope (they are mapped as part of it). There is no public API for this list;
+    ``tests/test_scopes.py`` pins it.
+
+    Names are relative to the inner module's parent, so the inner module's own variables
+    are ``"<inner name>/<path>"`` (flax's names, which checkpoints depend on) and a sibling
+    passed in as a field is ``"<its name>/<path>"``. A scope elsewhere in the model (a
+    module shared from another branch) is named by its absolute path, with a leading ``/``.
+    """
+    scopes, _, _ = get_module_scopes(inner, args, kwargs)
+    listed = set(scopes)
+
+    def inside_another(scope: Any) -> bool:
+        parent = scope.parent
+        while parent is not None:
+            if parent in listed:
+                return True
+            parent = parent.parent
+        return False
+
+    base = tuple(inner.path[:-1])
+    names = []
+    for scope in dict.fromkeys(scopes):
+        if inside_another(scope):
+            continue
+        path = tuple(scope.path)
+        if path[: len(base)] == base and len(path) > len(base):
+            names.append("/".join(path[len(base) :]))
+        else:
+            names.append("/" + "/".join(path))
+    return tuple(names)
+
+
+@jax.tree_util.register_pytree_node_class
+class _Unreadable:
+    """Stands for a variable that a method which is not delegated must not read.
+
+    It is a pytree with no leaves, so it passes through flax's lifting and jax transforms
+    untouched; using it as an array raises the error that names the fix.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def tree_flatten(self) -> tuple[tuple[()], str]:
+        return (), self.message
+
+    @classmethod
+    def tree_unflatten(cls, message: str, children: Any) -> _Unreadable:
+        return cls(message)
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(self.message)
+
+    __jax_array__ = __array__ = _refuse
+
+    @property
+    def shape(self) -> Any:
+        return self._refuse()
+
+    @property
+    def dtype(self) -> Any:
+        return self._refuse()
+
+
+class _View:
+    """The ``trans_in_fn`` of a delegated call: called once per mapped scope, in order."""
+
+    def __init__(
+        self, inner: nn.Module, method: str, stack: tuple[_Applied, ...], names: tuple[str, ...]
+    ) -> None:
+        self.inner, self.method, self.stack, self.names = inner, method, stack, names
+        self.mapped = 0
+        self.selected = [0] * len(stack)
+        self.seen: list[tuple[str, str, Any]] = []  # (collection, path, value): errors only
+
+    def __call__(self, variables: dict[str, Any]) -> dict[str, Any]:
+        name = self.names[self.mapped % len(self.names)]
+        self.mapped += 1
+        out = {
+            collection: jax.tree_util.tree_map_with_path(
+                functools.partial(self._leaf, name, collection),
+                tree,
+                is_leaf=lambda x: isinstance(x, AxisMetadata),
+            )
+            for collection, tree in variables.items()
+        }
+        if self.mapped % len(self.names) == 0:
+            self._check_selected()
+        return out
+
+    def _leaf(self, scope_name: str, collection: str, keypath: Any, boxed: Any) -> Any:
+        path = f"{scope_name}/{jax.tree_util.keystr(keypath, simple=True, separator='/')}"
+        # Flax's and wrapkit's wrappers name their own variables "<module>/<path>/scale";
+        # module and variable names never contain "/".
+        owned = any("/" in str(getattr(key, "key", "")) for key in keypath)
         metadata = boxed if isinstance(boxed, AxisMetadata) else None
         value = boxed.unbox() if metadata is not None else boxed
-        seen.append((collection, path, value))
-        for index, applied in enumerate(stack):
-            if collection in applied.wrapper.collections and applied.select(path, value):
-                selected[index] += 1
-                leaf = Leaf(path, collection, value, metadata)
-                with source_info_util.set_name_stack(applied.name_stack):
-                    value = applied.wrapper.transform(leaf, **applied.options)
+        self.seen.append((collection, path, value))
+        for index, applied in enumerate(self.stack):
+            if collection not in applied.wrapper.collections:
+                continue
+            if not applied.select(path, value, owned):
+                continue
+            self.selected[index] += 1
+            if not applied.delegated:
+                return _Unreadable(
+                    f"{_describe(applied.wrapper)} does not delegate {self.method!r}, and "
+                    f"{type(self.inner).__name__}.{self.method} reads {collection}/{path}, "
+                    f"which {type(applied.wrapper).__name__} transforms: run on the raw "
+                    "value it would skip the wrapper. Build the wrapper with delegates="
+                    f"{(*applied.wrapper.delegated_methods, self.method)!r}."
+                )
+            leaf = Leaf(path, collection, value, metadata)
+            with source_info_util.set_name_stack(applied.name_stack):
+                value = applied.wrapper.transform(leaf, **applied.options)
         return metadata.replace_boxed(value) if metadata is not None else value
 
-    out = {
-        collection: jax.tree_util.tree_map_with_path(
-            functools.partial(transform_leaf, collection),
-            tree,
-            is_leaf=lambda x: isinstance(x, AxisMetadata),
-        )
-        for collection, tree in variables.items()
-    }
-    for count, applied in zip(selected, stack, strict=True):
-        if count == 0:
-            wrapper = applied.wrapper
-            found = ", ".join(f"{c}/{p} {tuple(jax.numpy.shape(v))}" for c, p, v in seen)
-            raise ValueError(
-                f"{_describe(wrapper)}: variable_filter "
-                f"{_filters.describe(wrapper.variable_filter)} selects none of the variables "
-                f"of {inner.name} in collections {list(wrapper.collections)}: "
-                f"{found or 'it has none'}. Filter strings match whole path "
-                "elements ('kernel'; 'Baz' also matches Baz_0), globs ('Dense_*') or are "
-                "callables (path, value) -> bool."
-            )
-    return out
+    def _check_selected(self) -> None:
+        for count, applied in zip(self.selected, self.stack, strict=True):
+            if count == 0 and applied.delegated:
+                wrapper = applied.wrapper
+                found = ", ".join(f"{c}/{p} {tuple(jax.numpy.shape(v))}" for c, p, v in self.seen)
+                raise ValueError(
+                    f"{_describe(wrapper)}: variable_filter "
+                    f"{_filters.describe(wrapper.variable_filter)} selects none of the "
+                    f"variables that {type(self.inner).__name__}.{self.method} can reach in "
+                    f"collections {list(wrapper.collections)}: {found or 'it has none'}. "
+                    "Filter strings match whole path elements ('kernel'; 'Baz' also matches "
+                    "Baz_0), globs ('Dense_*') or are callables (path, value) -> bool; they "
+                    "never select another wrapper's own variables (.../kernel/scale)."
+                )
+        self.selected = [0] * len(self.stack)
+        self.seen = []
