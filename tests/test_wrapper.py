@@ -547,3 +547,17 @@ def test_a_module_class_as_inner_module_names_the_fix():
         r"flax\.linen\.linear\.Dense\. Build the module first: WeightNorm\(Dense\(\.\.\.\)\)\.",
     ):
         WeightNorm(nn.Dense)
+
+
+@pytest.mark.parametrize(
+    ("delegates", "message"),
+    [
+        ((3,), r"element 0 of delegates must be a method name \(a string\), got 3 \(int\)\."),
+        ("encode", r"got the string 'encode'; write delegates=\('encode',\)\."),
+        (7, r"got 7 \(int\); write e\.g\. delegates=\('__call__',\)\."),
+    ],
+    ids=["not-a-string", "a-string", "not-iterable"],
+)
+def test_bad_delegates_are_refused_when_built(delegates, message):
+    with pytest.raises(ValueError, match=r"WeightNorm\(Dense\) (delegates must be .*)?" + message):
+        WeightNorm(nn.Dense(3), delegates=delegates)

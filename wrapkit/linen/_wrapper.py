@@ -33,6 +33,7 @@ from jax._src import source_info_util  # the name stack: no public API reads or 
 
 from .. import _filters
 from .._filters import VariableFilter
+from .._protocol import check_delegates
 
 _REQUIRED = inspect.Parameter.empty
 
@@ -332,13 +333,10 @@ class Wrapper(nn.Module):
                 f"(nn.remat(Block), where Block builds {type(self).__name__}("
                 f"{wrapped_class.__name__}(...))){outermost}."
             )
-        problems = []
-        if isinstance(self.delegates, str):
-            problems.append(
-                f"delegates must be a sequence of method names, got the string "
-                f"{self.delegates!r}; write delegates=({self.delegates!r},)."
-            )
-        else:
+        problems = (
+            check_delegates(self.delegates, "delegates") if self.delegates is not None else []
+        )
+        if not problems:
             # A wrapper offers the methods it delegates, whatever its class defines.
             available = _delegated(inner) if isinstance(inner, Wrapper) else _public_methods(inner)
             for name in _delegated(self):
