@@ -137,6 +137,7 @@ def test_doctests_sit_in_an_examples_section(name, docstring):
     # mkdocstrings' Google parser renders only "Examples:" as code; a singular "Example:"
     # becomes an admonition whose ">>>" lines are shown as prose.
     import griffe
+
     sections = griffe.Docstring(docstring).parse("google")
     kinds = [section.kind for section in sections]
     assert griffe.DocstringSectionKind.examples in kinds, (
@@ -148,6 +149,7 @@ def test_doctests_sit_in_an_examples_section(name, docstring):
 def test_a_singular_example_header_is_not_an_examples_section():
     # What the test above relies on: griffe reads "Example:" as an admonition.
     import griffe
+
     singular = griffe.Docstring("Doubles.\n\nExample:\n    >>> 2 * 2\n    4").parse("google")
     plural = griffe.Docstring("Doubles.\n\nExamples:\n    >>> 2 * 2\n    4").parse("google")
     assert [section.kind.value for section in singular] == ["text", "admonition"]

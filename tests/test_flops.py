@@ -61,6 +61,10 @@ def test_costs_add_and_multiply_by_integers():
     assert cost + flops.Cost(flops=3) == flops.Cost(5, 1)
     assert 3 * cost == cost * 3 == flops.Cost(6, 3)
     assert not flops.Cost() and cost
+    bits = flops.Cost(rng_bits=64)
+    assert bits and 2 * (bits + cost) == flops.Cost(4, 2, 128)
+    assert repr(cost) == "Cost(flops=2, transcendentals=1)"
+    assert repr(bits) == "Cost(flops=0, transcendentals=0, rng_bits=64)"
     with pytest.raises(TypeError, match="unsupported operand"):
         cost * 1.5
 
@@ -389,8 +393,6 @@ STRUCTURED = {
     "one_hot": lambda x: jax.nn.one_hot(jnp.argmax(x, axis=-1), 8),
     "variance": lambda x: x.var(axis=1),
     "dynamic_slice": lambda x: lax.dynamic_slice(x, (1, 2, 3), (2, 2, 2)),
-    "rng_uniform": lambda x: x + lax.rng_uniform(0.0, 1.0, x.shape),
-    "rng_bit_generator": lambda x: lax.rng_bit_generator(jnp.zeros(4, jnp.uint32), x.shape)[1],
 }
 
 
@@ -741,23 +743,73 @@ RANDOM = {
 }
 
 
-@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
-@pytest.mark.parametrize("fn", RANDOM.values(), ids=RANDOM.keys())
-def test_random_numbers_match_xla_within_a_few_scalar_flops(fn, impl):
-    """Compared with the GPU lowering: on CPU, JAX rolls threefry's rounds into a loop.
+# Random bits made per call with a threefry key (2 x 32 bits of key data) and an RBG key (4 x 32).
+RANDOM_BITS = {
+    "bits": lambda key_bits: 6 * 10 * 8 * 32,
+    "bits_uint8_odd": lambda key_bits: 7 * 3 * 8,
+    "normal": lambda key_bits: 6 * 10 * 8 * 32,
+    "uniform": lambda key_bits: 300 * 32,
+    "bernoulli": lambda key_bits: 6 * 10 * 8 * 32,
+    "split": lambda key_bits: 50 * key_bits,
+    "fold_in": lambda key_bits: key_bits,
+    "dropout": lambda key_bits: 16 * 32 * 32 + key_bits,  # flax folds the stream in first
+}
+# The bits each one turns into numbers, for XLA's count of making them alone.
+RANDOM_SOURCE = {
+    "normal": lambda key: jax.random.bits(key, (6, 10, 8)),
+    "uniform": lambda key: jax.random.bits(key, (300,)),
+    "bernoulli": lambda key: jax.random.bits(key, (6, 10, 8)),
+    "dropout": lambda key: jax.random.bits(jax.random.fold_in(key, 0), (16, 32)),
+}
 
-    XLA also folds some of the key's scalar bookkeeping (a shift by 32 of a 32-bit seed).
+
+@pytest.mark.parametrize("impl,key_bits", [("threefry2x32", 64), ("rbg", 128)])
+@pytest.mark.parametrize("name", RANDOM)
+def test_random_bits_are_rng_bits_and_what_uses_them_flops(name, impl, key_bits):
+    """FLOPs mean what papers mean: threefry's hash (117 integer ops a word) counted as FLOPs.
+
+    What turns the bits into numbers is arithmetic, and matches XLA's count of the whole
+    program less its count of generating the bits (GPU lowering: on CPU, JAX rolls
+    threefry's rounds into a loop), within XLA's folding of a few scalar key operations.
     """
     key = jax.random.key(3, impl=impl)
-    ours, theirs = our_cost(fn, key), xla_cost(fn, key, platform="cuda")
-    assert abs(ours[0] - theirs[0]) <= 6 and ours[1] == theirs[1]
+    result = flops.count(RANDOM[name], key)
+    assert result.rng_bits == RANDOM_BITS[name](key_bits)
+    assert result.total == flops.Cost(
+        result.flops, result.transcendentals, RANDOM_BITS[name](key_bits)
+    )
+    if name in RANDOM_SOURCE:
+        whole = xla_cost(RANDOM[name], key, platform="cuda")
+        source = xla_cost(RANDOM_SOURCE[name], key, platform="cuda")
+        assert abs(result.flops - (whole[0] - source[0])) <= 6
+        assert result.transcendentals == whole[1] - source[1]
+    else:  # bits and keys only
+        assert (result.flops, result.transcendentals) == (0, 0)
+
+
+def test_random_bits_are_reported_per_primitive_and_never_as_flops():
+    key = jax.random.key(3)
+    result = flops.count(lambda key: jax.random.uniform(key, (8, 16)), key)
+    assert result.by_primitive["random_bits"] == flops.Cost(rng_bits=8 * 16 * 32)
+    assert "threefry2x32" not in result.by_primitive
+    assert str(result).endswith(", 4,096 random bits")
+    # Raw generators too: lax's rng_bit_generator and the threefry hash on words.
+    raw = flops.count(
+        lambda k: lax.rng_bit_generator(k, (8, 16), dtype=jnp.uint32)[1], spec(4, dtype=jnp.uint32)
+    )
+    assert raw.total == flops.Cost(rng_bits=8 * 16 * 32)
+    uniform = flops.count(lambda x: x + lax.rng_uniform(0.0, 1.0, x.shape), spec(8, 16))
+    assert uniform.total == flops.Cost(flops=8 * 16, rng_bits=8 * 16 * 32)  # the + only
+    words = spec(8, 16, dtype=jnp.uint32)
+    hashed = flops.count(jax.extend.random.threefry_2x32, spec(2, dtype=jnp.uint32), words)
+    assert hashed.by_primitive["threefry2x32"] == flops.Cost(rng_bits=8 * 16 * 32)
 
 
 def test_on_cpu_xla_sees_threefry_as_a_loop_and_counts_its_body_once():
     key = jax.random.key(3)
     fn = RANDOM["bits"]
     assert xla_cost(fn, key)[0] < xla_cost(fn, key, platform="cuda")[0] / 3
-    assert flops.count(fn, key).exact  # ours is the unrolled count on every platform
+    assert flops.count(fn, key).exact  # ours is the same on every platform
 
 
 # -- unsupported primitives and rules ------------------------------------------------------------

@@ -158,7 +158,9 @@ def test_no_child_exceeds_its_parent(summarised):
 
 def test_vjp_total_is_the_counters_on_the_models_own_vjp(summarised):
     _, model, x, variables, table = summarised
-    assert table.vjp_flops == wrapkit.flops.count(loss_vjp(model), variables, x).flops
+    cotangent = jax.eval_shape(forward(model), variables, x)
+    program = vjp_with_cotangent(model)
+    assert table.vjp_flops == wrapkit.flops.count(program, variables, x, cotangent).flops
 
 
 @pytest.mark.parametrize("name", LOOP_FREE)
@@ -167,7 +169,9 @@ def test_loop_free_totals_match_xla_cost_analysis(name):
     variables = jax.eval_shape(model.init, KEY, x)
     table = wrapkit.summary(model, x, variables=variables, vjp=True)
     assert table.flops == pytest.approx(xla_flops(forward(model), variables, x), rel=0.01)
-    assert table.vjp_flops == pytest.approx(xla_flops(loss_vjp(model), variables, x), rel=0.01)
+    cotangent = jax.eval_shape(forward(model), variables, x)
+    program = vjp_with_cotangent(model)
+    assert table.vjp_flops == pytest.approx(xla_flops(program, variables, x, cotangent), rel=0.01)
 
 
 def test_variables_per_row_and_totals_match_the_variable_tree():
@@ -270,11 +274,24 @@ def test_delegated_method_names_the_inner_row():
             return autoencoder(x) + autoencoder.encode(x).sum()
 
     table = wrapkit.summary(Model(), X)
+    # AutoEncoder.__call__ calls self.encode: a helper, part of its caller's row. Delegated
+    # calls (the wrapper's encode, and through it the inner module's) keep theirs.
     assert [(row.name, row.method, row.depth, row.repeated) for row in table] == [
         ("", "__call__", 0, False),
         ("WeightNorm_0", "__call__", 1, False),
         ("AutoEncoder_0", "__call__", 2, False),
-        ("AutoEncoder_0", "encode", 3, True),  # AutoEncoder.__call__ calls self.encode
+        ("AutoEncoder_0/enc", "__call__", 3, False),
+        ("AutoEncoder_0/dec", "__call__", 3, False),
+        ("WeightNorm_0", "encode", 1, True),
+        ("AutoEncoder_0", "encode", 2, True),
+        ("AutoEncoder_0/enc", "__call__", 3, True),
+    ]
+    table = wrapkit.summary(Model(), X, helpers=True)
+    assert [(row.name, row.method, row.depth, row.repeated) for row in table] == [
+        ("", "__call__", 0, False),
+        ("WeightNorm_0", "__call__", 1, False),
+        ("AutoEncoder_0", "__call__", 2, False),
+        ("AutoEncoder_0", "encode", 3, True),
         ("AutoEncoder_0/enc", "__call__", 4, False),
         ("AutoEncoder_0/dec", "__call__", 3, False),
         ("WeightNorm_0", "encode", 1, True),
@@ -633,3 +650,237 @@ def test_the_garbage_collector_is_restored_even_after_an_error(enabled):
         assert gc.isenabled() is enabled
     finally:
         gc.enable()
+
+
+# --- engine failures, each a regression test ----------------------------------------------
+
+
+def vjp_with_cotangent(model):
+    """The model's forward outputs and its VJP, the cotangent an argument of the program."""
+
+    def program(variables, x, cotangent):
+        out, pullback = jax.vjp(lambda v, x: model.apply(v, x), variables, x)
+        return out, pullback(cotangent)
+
+    return program
+
+
+class SoftCap(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.tanh(nn.Dense(512)(x) / 30) * 30  # a logit soft-cap
+
+
+def test_vjp_counts_cotangents_as_inputs__a_soft_cap_keeps_its_backward():
+    """With the pullback applied to constant ones, ``ct * 30`` and ``/ 30`` were folded away."""
+    model, x = SoftCap(), X
+    variables = jax.eval_shape(model.init, KEY, x)
+    cotangent = jax.ShapeDtypeStruct((8, 512), jnp.float32)
+    table = wrapkit.summary(model, x, vjp=True)
+    program = vjp_with_cotangent(model)
+    assert table.vjp_flops == wrapkit.flops.count(program, variables, x, cotangent).flops
+    assert table.vjp_flops == pytest.approx(xla_flops(program, variables, x, cotangent), rel=0.01)
+    assert sum(row.own_vjp_flops for row in table) == table.vjp_flops
+    # The soft-cap's backward is the root's own: ct * 30, jax's tanh' = (1 + t)(1 - t) as
+    # ct + ct * t times 1 - t (a subtraction, a product, a sum, a product), then / 30.
+    assert table.root.own_vjp_flops - table.root.own_flops == 6 * 8 * 512
+    # Ones as the cotangent fold most of that away.
+    assert wrapkit.flops.count(loss_vjp(model), variables, x).flops < table.vjp_flops
+
+
+class Forwarding(nn.Module):
+    """Forwards unknown attributes to a config it does not have, as model libraries do."""
+
+    @nn.compact
+    def __call__(self, x):
+        return self.project(x)
+
+    def project(self, x):
+        return nn.Dense(4)(x)
+
+    def __getattr__(self, name):
+        return getattr(self.config, name)  # no ``config``: would recurse without end
+
+
+def test_a_module_with_getattr_is_never_probed_through_it():
+    """is_wrapper's isinstance check and getattr probes re-entered __getattr__: RecursionError."""
+    table = wrapkit.summary(WeightNorm(Forwarding(), delegates=("__call__",)), X, vjp=True)
+    assert [(row.name, row.module_type, row.method) for row in table] == [
+        ("", "WeightNorm", "__call__"),
+        ("layer_instance", "Forwarding", "__call__"),
+        ("layer_instance/Dense_0", "Dense", "__call__"),
+    ]
+    assert table.flops == table.rows[1].flops + table.root.own_flops
+
+
+def test_a_forward_failure_with_vjp_is_not_blamed_on_the_vjp():
+    def fold(module, x):
+        return module(x).reshape((7, -1))  # outside any module call
+
+    variables = jax.eval_shape(MLP().init, KEY, X)
+    with pytest.raises(
+        ValueError, match=r"failed while applying MLP, in MLP: TypeError: cannot reshape"
+    ):
+        wrapkit.summary(MLP(), X, method=fold, vjp=True, variables=variables)
+    with pytest.raises(ValueError, match=r"failed while applying MLP, in Dense at path 'Dense_0'"):
+        wrapkit.summary(
+            MLP(),
+            jax.ShapeDtypeStruct((8, 5), jnp.float32),
+            vjp=True,
+            variables=jax.eval_shape(MLP().init, KEY, X),
+        )
+
+
+def test_a_failure_in_wrapkits_own_recording_says_so(monkeypatch):
+    from wrapkit._summary import capture_linen
+
+    def broken(cls, name):
+        raise RuntimeError("probe failed")
+
+    monkeypatch.setattr(capture_linen, "_is_method", broken)
+    with pytest.raises(
+        ValueError,
+        match=r"failed while recording the call MLP\.__call__ of MLP, before the call ran: "
+        r"RuntimeError: probe failed\nThis is an error in wrapkit, not in the model",
+    ):
+        wrapkit.summary(MLP(), X, vjp=True, variables=jax.eval_shape(MLP().init, KEY, X))
+
+
+def test_errors_that_are_not_about_shapes_do_not_blame_the_shapes():
+    model, x = MODELS["cnn"]
+    with pytest.raises(ValueError, match=r"BatchNorm at path 'BatchNorm_0'") as caught:
+        wrapkit.summary(model, x, train=True)  # batch_stats is not mutable
+    assert "Check the input shapes" not in str(caught.value)
+
+
+def test_rngs_without_params_still_initialise():
+    """rngs={"dropout": key} failed with "needs PRNG for params", blamed on input shapes."""
+
+    class Noisy(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dropout(0.5, deterministic=False)(nn.Dense(16)(x))
+
+    given = wrapkit.summary(Noisy(), X, rngs={"dropout": jax.random.key(1)})
+    assert given.flops == wrapkit.summary(Noisy(), X).flops
+    assert given.variables["params"].count == 16 * 16 + 16
+
+
+class Tied(nn.Module):
+    def setup(self):
+        self.wte = nn.Embed(10, 4)
+        self.lm_head = nn.Dense(10, use_bias=False)
+
+    def __call__(self, ids):
+        hidden = self.wte(ids)
+        kernel = self.wte.variables["params"]["embedding"].T
+        return self.lm_head.apply({"params": {"kernel": kernel}}, hidden)
+
+
+class TiedInside(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        return Tied(name="lm")(ids)
+
+
+def test_a_nested_apply_has_the_callers_path_and_its_own_variables():
+    """A tied LM head's ``lm_head.apply(...)`` got the root's path "" and the root's variables."""
+    ids = jax.ShapeDtypeStruct((2, 3), jnp.int32)
+    for model, prefix in [(Tied(), ()), (TiedInside(), ("lm",))]:
+        table = wrapkit.summary(model, ids, vjp=True)
+        (head,) = table.find((*prefix, "lm_head"))
+        assert head.nested and not head.repeated and head.module_type == "Dense"
+        assert head.variables["params"] == wrapkit.VariableStats(10 * 4, 4 * 10 * 4)
+        assert head.own_flops == head.flops == 2 * 2 * 3 * 4 * 10
+        assert not any(row.nested for row in table if row is not head)
+        variables = jax.eval_shape(model.init, KEY, ids)
+        assert table.flops == wrapkit.flops.count(forward(model), variables, ids).flops
+        assert sum(row.own_vjp_flops for row in table) == table.vjp_flops
+
+
+class Heads(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return self.merge_heads(nn.Dense(16)(self.split_heads(x)))
+
+    def split_heads(self, x):
+        return x.reshape((*x.shape[:-1], 4, -1)) * 2
+
+    def merge_heads(self, x):
+        return x.reshape((*x.shape[:-2], -1))
+
+
+def test_helper_methods_a_module_calls_on_itself_fold_into_its_row():
+    table = wrapkit.summary(Heads(), X)
+    assert [(row.name, row.method) for row in table] == [("", "__call__"), ("Dense_0", "__call__")]
+    assert table.root.own_flops == 8 * 16  # the * 2 in split_heads
+    shown = wrapkit.summary(Heads(), X, helpers=True)
+    assert [(row.name, row.method, row.depth) for row in shown] == [
+        ("", "__call__", 0),
+        ("", "split_heads", 1),
+        ("Dense_0", "__call__", 1),
+        ("", "merge_heads", 1),
+    ]
+    assert shown.rows[1].own_flops == 8 * 16 and shown.flops == table.flops
+
+
+class E(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4)(x)
+
+
+class JitDecorated(nn.Module):
+    @nn.jit
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4)(x)
+
+
+LIFTED = {
+    "jit-class": lambda: nn.jit(E)(),
+    "remat-class": lambda: nn.remat(E)(),
+    "checkpoint-class": lambda: nn.checkpoint(E)(),
+    "jit-decorator": lambda: JitDecorated(),
+}
+
+
+@pytest.mark.parametrize("make", LIFTED.values(), ids=LIFTED.keys())
+def test_a_lifted_call_is_one_row(make):
+    table = wrapkit.summary(make(), X, vjp=True)
+    assert [(row.name, row.method, row.depth) for row in table] == [
+        ("", "__call__", 0),
+        ("Dense_0", "__call__", 1),
+    ]
+    assert table.rows[1].own_flops == 2 * 8 * 16 * 4 + 8 * 4
+
+
+class TrainDropout(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dropout(0.5, deterministic=False)(nn.Dense(16)(x))
+
+
+class FixedMask(nn.Module):
+    @nn.compact
+    def __call__(self, x, keep):
+        y = nn.Dense(16)(x)
+        return jax.lax.select(keep, y / 0.5, jnp.zeros_like(y))
+
+
+def test_dropout_bits_are_rng_bits_not_flops():
+    """Dropout's threefry hash counted as FLOPs: 117 per 32-bit word, as much as the model."""
+    table = wrapkit.summary(TrainDropout(), X)
+    keep = jax.ShapeDtypeStruct((8, 16), jnp.bool_)
+    fixed = wrapkit.summary(FixedMask(), X, keep)
+    n = 8 * 16
+    # The mask from the bits: jax.random.uniform's shift, or, bitcast, subtraction, scaling,
+    # offset and clamp (7 per element, and one scalar subtraction for the range), then the
+    # comparison with the keep rate.
+    assert table.flops == fixed.flops + 7 * n + 1 + n
+    # 32 random bits per mask element, and the 64 bits of the key flax folds the stream into.
+    assert table.rng_bits == table.root.rng_bits == 32 * n + 64
+    (dropout,) = table.find("Dropout_0")
+    assert dropout.own_rng_bits == 32 * n + 64 and table.rows[1].rng_bits == 0
+    assert table.by_primitive()["random_bits"] == wrapkit.flops.Cost(rng_bits=32 * n)
+    assert "threefry2x32" not in table.primitives

@@ -12,12 +12,14 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import inspect
 import itertools
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,6 +34,10 @@ from .data import Row, Summary, VariableStats, describe
 
 _MARKER = "wrapkit-call-"
 _SYNTHETIC = -1  # the id of the row above several top-level calls
+# Call ids are unique in the process, not only in one summary: nn.jit caches its traced body,
+# and a summary that reuses a cached trace sees the markers of an earlier summary's calls.
+# Those name no call of this one, so their equations count for the enclosing call.
+_CALL_IDS = itertools.count()
 
 
 @dataclasses.dataclass
@@ -47,50 +53,55 @@ class _Call:
     outputs: Any = None
     children: list[_Call] = dataclasses.field(default_factory=list)
     # A call that is not a method of its module (flax's lifted ``layer_forward``, the
-    # ``<lambda>`` of nn.scan / nn.remat ...) or is a private helper (flax's WeightNorm
-    # ``_l2_normalize``) or ``setup`` gets no row: its cost and callees are its caller's.
+    # ``<lambda>`` of nn.scan / nn.remat ...), a private helper (flax's WeightNorm
+    # ``_l2_normalize``), ``setup``, a lifted transform's copy of its caller's call, or (by
+    # default) a helper method a module calls on itself gets no row: its cost and callees
+    # are its caller's.
     transparent: bool = False
+    # Which variable tree the call's variables are in (0: the model's; others: those passed
+    # to a ``Module.apply`` made inside the model), and the module's path inside that tree.
+    tree: int = 0
+    prefix: tuple[str, ...] = ()
+    local_path: tuple[str, ...] = ()
+    # The call is the top of a ``Module.apply`` made inside the model.
+    nested: bool = False
+    module_id: int = 0
+    module_class: type = object
+    root_scope_id: int = 0
+
+
+def _is_method(cls: type, name: str) -> bool:
+    """Whether ``cls`` defines ``name`` as a method, read without running any user code."""
+    attribute = inspect.getattr_static(cls, name, None)
+    return callable(attribute) or isinstance(attribute, staticmethod | classmethod)
 
 
 class _Recorder:
     """An ``nn.intercept_methods`` interceptor that builds the call tree."""
 
-    def __init__(self, mark: bool) -> None:
+    def __init__(self, mark: bool, helpers: bool = False) -> None:
         self.mark = mark
-        self.ids = itertools.count()
+        self.helpers = helpers
         self.roots: list[_Call] = []
         self.stack: list[_Call] = []
         self.failed: _Call | None = None
+        # "Type.method" while the recorder inspects a call: an error then is wrapkit's own.
+        self.probing: str | None = None
+        # id(root scope) -> (the scope, kept alive so that its id stays unique; tree; prefix)
+        self.scopes: dict[int, tuple[Any, int, tuple[str, ...]]] = {}
+        # The variables of each ``Module.apply`` made inside the model; 0 is the model's.
+        self.trees: list[Any] = [None]
 
     def __call__(self, next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
         module = context.module
-        method = context.method_name
-        wrapper = is_wrapper(module)
-        transparent = (
-            method == "setup"
-            or (method.startswith("_") and not method.startswith("__"))
-            or not (
-                callable(getattr(type(module), method, None))
-                # A wrapper's per-instance delegates are its methods too.
-                or (wrapper and method in delegated_methods(module))
-            )
-        )
-        parent = self.stack[-1] if self.stack else None
-        call = _Call(
-            id=next(self.ids),
-            path=tuple(module.path) if module.scope is not None else (),
-            module_type=type(module).__name__,
-            method=method,
-            wrapper=wrapper,
-            inputs=_abstract((args, kwargs)),
-            transparent=transparent,
-        )
-        (parent.children if parent is not None else self.roots).append(call)
+        self.probing = f"{type(module).__name__}.{context.method_name}"
+        call = self._record(module, context.method_name, args, kwargs)
+        self.probing = None
         self.stack.append(call)
         try:
             scope = (
                 jax.named_scope(f"{_MARKER}{call.id}")
-                if self.mark and not transparent
+                if self.mark and not call.transparent
                 else contextlib.nullcontext()
             )
             with scope:
@@ -104,6 +115,93 @@ class _Recorder:
         call.outputs = _abstract(out)
         return out
 
+    def _record(self, module: nn.Module, method: str, args: Any, kwargs: Any) -> _Call:
+        # Only the class is read, never the instance's attributes through getattr: model
+        # libraries define ``__getattr__`` (forwarding to a config), which would re-enter
+        # user code from inside the interceptor.
+        cls = type(module)
+        wrapper = is_wrapper(module)
+        parent = self.stack[-1] if self.stack else None
+        visible = next((call for call in reversed(self.stack) if not call.transparent), None)
+        tree, prefix, local, nested, root_id = self._locate(module, parent)
+        path = prefix + local
+        # flax's lifted class (``JitBlock``) subclasses the user's (``Block``).
+        lifted_copy = (
+            visible is not None
+            and (visible.path, visible.method) == (path, method)
+            and issubclass(visible.module_class, cls)
+        )
+        if lifted_copy and visible is not None:
+            visible.module_type = cls.__name__
+        transparent = (
+            method == "setup"
+            or (method.startswith("_") and not method.startswith("__"))
+            or not (
+                _is_method(cls, method)
+                # A wrapper's per-instance delegates are its methods too.
+                or (wrapper and method in delegated_methods(module))
+            )
+            # A lifted transform (nn.jit, nn.remat of a class ...) calls the same method of
+            # its copy of the module: one call, one row.
+            or lifted_copy
+            # A helper method the module calls on itself is part of its caller's work.
+            or (not self.helpers and visible is not None and visible.module_id == id(module))
+        )
+        call = _Call(
+            id=next(_CALL_IDS),
+            path=path,
+            module_type=cls.__name__,
+            method=method,
+            wrapper=wrapper,
+            inputs=_abstract((args, kwargs)),
+            transparent=transparent,
+            tree=tree,
+            prefix=prefix,
+            local_path=local,
+            nested=nested,
+            module_id=id(module),
+            module_class=cls,
+            root_scope_id=root_id,
+        )
+        (parent.children if parent is not None else self.roots).append(call)
+        return call
+
+    def _locate(
+        self, module: nn.Module, parent: _Call | None
+    ) -> tuple[int, tuple[str, ...], tuple[str, ...], bool, int]:
+        """(tree, path prefix, path in the tree, top of a nested apply, id of the root scope).
+
+        Each ``Module.apply`` and each lifted transform makes a new root scope. A lifted
+        transform's scope keeps the module's path (and a debug path naming the transform);
+        a ``Module.apply`` made inside the model (a tied LM head's
+        ``self.head.apply({"params": {"kernel": embedding.T}}, x)``) starts a variable tree
+        of its own at path ``()``: its calls are placed under the calling module's path,
+        and their variables are looked up in the variables passed to that apply.
+        """
+        scope = module.scope
+        inherited = (parent.tree, parent.prefix) if parent is not None else (0, ())
+        if scope is None:
+            return *inherited, (), False, 0
+        root = scope.root
+        local = tuple(scope.path)
+        known = self.scopes.get(id(root))
+        if known is not None:
+            return known[1], known[2], local, False, id(root)
+        nested = (
+            parent is not None
+            and parent.root_scope_id != id(root)
+            and not local
+            and not scope.debug_path
+        )
+        if nested and parent is not None:
+            tree = len(self.trees)
+            self.trees.append(_abstract(scope.variables()))
+            prefix = parent.path + (module.name or type(module).__name__,)
+        else:
+            tree, prefix = inherited
+        self.scopes[id(root)] = (root, tree, prefix)
+        return tree, prefix, local, nested, id(root)
+
 
 def summary(
     module: nn.Module,
@@ -113,6 +211,7 @@ def summary(
     method: str | Callable[..., Any] | None = None,
     mutable: Any = False,
     vjp: bool = False,
+    helpers: bool = False,
     **kwargs: Any,
 ) -> Summary:
     """Summarises a Linen module call: shapes, variables and FLOPs of every module call.
@@ -132,13 +231,17 @@ def summary(
             values are passed through as static Python values).
         rngs: PRNG keys as for ``Module.init``/``apply``: a key or a dict of keys, concrete
             or abstract. Values never matter to an abstract trace; by default a ``params``
-            key is used, which flax also hands to other streams (``dropout`` ...).
+            key is used, which flax also hands to other streams (``dropout`` ...). A dict
+            without ``params`` gets an abstract one added, which initialisation needs.
         variables: the module's variables, concrete or abstract, to skip initialisation.
             By default they are made abstractly with ``jax.eval_shape(module.init, ...)``.
         method: the method to call, a name or a function, as in ``Module.apply``.
         mutable: collections the call may update, as in ``Module.apply``.
         vjp: also count the whole model's VJP (forward and backward with respect to the
             floating-point variables and inputs), per call.
+        helpers: give a row to each helper method a module calls on itself
+            (``self.split_heads(x)``). By default such a call is part of its caller's
+            row, costs included; calls on other modules always have rows.
         **kwargs: keyword arguments of the call.
 
     Returns:
@@ -146,8 +249,9 @@ def summary(
 
     Raises:
         TypeError: ``module`` is not a Linen module.
-        ValueError: the trace failed (wrong input shapes or dtypes ...); the message names
-            the module path and method where it failed. The original error is chained.
+        ValueError: the trace failed (wrong input shapes or dtypes ...); the message says
+            whether initialising, applying or differentiating failed, and names the module
+            path and method where it failed. The original error is chained.
 
     Examples:
         >>> import flax.linen as nn, jax, jax.numpy as jnp, wrapkit
@@ -168,7 +272,7 @@ def summary(
             f"wrapkit.summary expects a flax.linen.Module, got {type(module).__name__}.{hint}"
         )
     with _cyclic_gc_paused():
-        return _summary(module, args, kwargs, rngs, variables, method, mutable, vjp)
+        return _summary(module, args, kwargs, rngs, variables, method, mutable, vjp, helpers)
 
 
 @contextlib.contextmanager
@@ -198,6 +302,7 @@ def _summary(
     method: str | Callable[..., Any] | None,
     mutable: Any,
     vjp: bool,
+    helpers: bool,
 ) -> Summary:
     rngs = _prepare_rngs(rngs)
     dynamic, rebuild = _split_static((args, kwargs))
@@ -216,13 +321,12 @@ def _summary(
             recorder = _Recorder(mark=False)
             with contextlib.suppress(Exception):
                 jax.eval_shape(functools.partial(init, recorder=recorder), rngs, dynamic)
-            raise _trace_error(module, recorder.failed, "initialising", error) from error
+            raise _trace_error(module, recorder, "initialising", error) from error
     variables = _abstract(variables)
 
-    recorder = _Recorder(mark=True)
     inputs, treedef = jax.tree_util.tree_flatten((variables, rngs, dynamic))
 
-    def apply(*leaves: Any) -> Any:
+    def apply(recorder: _Recorder, *leaves: Any) -> Any:
         variables, rngs, dynamic = jax.tree_util.tree_unflatten(treedef, leaves)
         call_args, call_kwargs = rebuild(dynamic)
         with nn.intercept_methods(recorder):
@@ -232,17 +336,15 @@ def _summary(
         # With ``mutable``, apply returns (output, updated variables).
         return result if mutable is not False else (result, {})
 
-    try:
-        traced, outputs = _trace(apply, inputs, vjp)
-    except Exception as error:
-        doing = "differentiating" if vjp and recorder.failed is None else "applying"
-        raise _trace_error(module, recorder.failed, doing, error) from error
+    recorder = _Recorder(mark=True, helpers=helpers)
+    traced, outputs = _trace(apply, inputs, vjp, module, recorder)
     # Values computed and then dropped (the first trace of an nn.scan body, say) are not
     # part of the program: XLA never runs them, and their calls get no rows.
     forward = _dce(traced, [index < outputs for index in range(len(traced.out_avals))])
 
     calls = _calls_in(recorder, forward)
-    rows = _Rows(calls, module, method, _abstract((args, kwargs)))
+    trees = [variables, *recorder.trees[1:]]
+    rows = _Rows(calls, module, method, _abstract((args, kwargs)), trees)
     # The counter warns about primitives it has no rule for at each count; one summary
     # warns once, for the forward pass and the VJP together.
     with warnings.catch_warnings():
@@ -266,10 +368,12 @@ def _summary(
 
 
 def _prepare_rngs(rngs: Any) -> dict[str, Any]:
+    # flax's init needs a ``params`` stream; the values never matter to an abstract trace.
+    params = jax.eval_shape(lambda: jax.random.key(0))
     if rngs is None:
-        return {"params": jax.ShapeDtypeStruct((), jax.random.key(0).dtype)}
+        return {"params": params}
     if isinstance(rngs, Mapping):
-        return dict(rngs)
+        return {"params": params, **rngs}
     return {"params": rngs}
 
 
@@ -303,15 +407,25 @@ def _abstract(tree: Any) -> Any:
 
 
 def _trace_error(
-    module: nn.Module, failed: _Call | None, doing: str, error: Exception
+    module: nn.Module, recorder: _Recorder | None, doing: str, error: Exception
 ) -> ValueError:
-    """The error for a failed trace, naming the path and method of the call that failed."""
+    """The error for a failed trace: what failed (initialising, applying, differentiating,
+    or wrapkit's own recording of a call), and the path and method of the call it failed in.
+    """
     name = type(module).__name__
-    if failed is None and doing == "differentiating":
+    reason = f"{type(error).__name__}: {error}"
+    if recorder is not None and recorder.probing is not None:
         return ValueError(
-            f"wrapkit.summary traced {name}, but not its VJP: {type(error).__name__}: "
-            f"{error}\nSummarise without vjp=True to count the forward pass only."
+            f"wrapkit.summary failed while recording the call {recorder.probing} of {name}, "
+            f"before the call ran: {reason}\nThis is an error in wrapkit, not in the model; "
+            "please report it."
         )
+    if doing == "differentiating":
+        return ValueError(
+            f"wrapkit.summary traced {name}, but not its VJP: {reason}\nSummarise without "
+            "vjp=True to count the forward pass only."
+        )
+    failed = recorder.failed if recorder is not None else None
     where = (
         f"{failed.module_type} at path '{'/'.join(failed.path) or '<root>'}' "
         f"({failed.method}) with inputs {describe(failed.inputs)}"
@@ -319,10 +433,19 @@ def _trace_error(
         else name
     )
     return ValueError(
-        f"wrapkit.summary failed while {doing} {name}, in {where}: "
-        f"{type(error).__name__}: {error}\nCheck the input shapes and dtypes against what "
-        "this module expects."
+        f"wrapkit.summary failed while {doing} {name}, in {where}: {reason}{_hint(error)}"
     )
+
+
+def _hint(error: Exception) -> str:
+    """Advice for errors about shapes and dtypes; flax's other errors explain themselves."""
+    if isinstance(error, flax.errors.ScopeParamShapeError):
+        return "\nCheck the input shapes against the shapes of the given variables."
+    if isinstance(error, flax.errors.FlaxError):
+        return ""
+    if isinstance(error, TypeError | ValueError):
+        return "\nCheck the input shapes and dtypes against what this module expects."
+    return ""
 
 
 def _calls_in(recorder: _Recorder, program: jex_core.ClosedJaxpr) -> list[_Call]:
@@ -385,7 +508,10 @@ def _visible(calls: list[_Call]) -> list[_Call]:
 class _Rows:
     """Turns the call tree into rows, and attributes counted equations to them."""
 
-    def __init__(self, roots: list[_Call], module: nn.Module, method: Any, inputs: Any) -> None:
+    def __init__(
+        self, roots: list[_Call], module: nn.Module, method: Any, inputs: Any, trees: list[Any]
+    ) -> None:
+        self.trees = trees
         self.calls: list[_Call] = []
         self.parent: list[int | None] = []
         self.depth: list[int] = []
@@ -405,8 +531,8 @@ class _Rows:
             )
         self._add(root, None, 0)
         self.own = {
-            "forward": [[0, 0] for _ in self.calls],
-            "vjp": [[0, 0] for _ in self.calls],
+            "forward": [[0, 0, 0] for _ in self.calls],
+            "vjp": [[0, 0, 0] for _ in self.calls],
         }
 
     def _add(self, call: _Call, parent: int | None, depth: int) -> None:
@@ -441,6 +567,7 @@ class _Rows:
                 row = cache[scopes] = row_of(scopes)
             own[row][0] += cost.flops
             own[row][1] += cost.transcendentals
+            own[row][2] += cost.rng_bits
 
         return on_cost
 
@@ -468,9 +595,11 @@ class _Rows:
         own_flops = [cost[0] for cost in self.own["forward"]]
         own_trans = [cost[1] for cost in self.own["forward"]]
         own_vjp = [cost[0] for cost in self.own["vjp"]]
+        own_bits = [cost[2] for cost in self.own["forward"]]
         flops, trans, vjp_flops = totals(own_flops), totals(own_trans), totals(own_vjp)
+        bits = totals(own_bits)
 
-        paths = {call.path for call in self.calls}
+        paths = {(call.tree, call.local_path) for call in self.calls}
         seen: set[tuple[str, ...]] = set()
         rows = []
         for index, call in enumerate(self.calls):
@@ -491,7 +620,9 @@ class _Rows:
                     variables=(
                         MappingProxyType({})
                         if synthetic
-                        else _own_variables(variables, call.path, paths)
+                        else _own_variables(
+                            self.trees[call.tree], call.tree, call.local_path, paths
+                        )
                     ),
                     repeated=not synthetic and call.path in seen,
                     wrapper=call.wrapper,
@@ -501,11 +632,18 @@ class _Rows:
                     transcendentals=trans[index],
                     own_vjp_flops=own_vjp[index] if vjp is not None else None,
                     vjp_flops=vjp_flops[index] if vjp is not None else None,
+                    own_rng_bits=own_bits[index],
+                    rng_bits=bits[index],
+                    nested=call.nested,
                 )
             )
             if not synthetic:
                 seen.add(call.path)
-        if flops[0] != forward.flops or (vjp is not None and vjp_flops[0] != vjp.flops):
+        if (
+            flops[0] != forward.flops
+            or bits[0] != forward.rng_bits
+            or (vjp is not None and vjp_flops[0] != vjp.flops)
+        ):
             raise AssertionError("wrapkit bug: the rows' FLOPs do not add up to the total")
         unsupported = set(forward.unsupported) | set(vjp.unsupported if vjp else ())
         return Summary(
@@ -523,6 +661,7 @@ class _Rows:
             unsupported=tuple(sorted(unsupported)),
             lower_bound=forward.lower_bound or bool(vjp and vjp.lower_bound),
             branches=_branches(forward),
+            rng_bits=forward.rng_bits,
         )
 
 
@@ -532,48 +671,64 @@ def _branches(count: _flops.FlopCount) -> int:
 
 
 def _own_variables(
-    variables: Mapping[str, Any], path: tuple[str, ...], paths: set[tuple[str, ...]]
+    variables: Mapping[str, Any],
+    tree: int,
+    path: tuple[str, ...],
+    paths: set[tuple[int, tuple[str, ...]]],
 ) -> Mapping[str, VariableStats]:
-    """The variables at ``path``, without those of submodules that have their own rows."""
+    """The variables at ``path`` of variable tree ``tree``, without those of submodules
+    that have their own rows."""
     own = {}
-    for collection, tree in variables.items():
+    for collection, values in variables.items():
         for name in path:
-            if not isinstance(tree, Mapping) or name not in tree:
-                tree = None
+            if not isinstance(values, Mapping) or name not in values:
+                values = None
                 break
-            tree = tree[name]
-        if tree is None:
+            values = values[name]
+        if values is None:
             continue
-        if isinstance(tree, Mapping):
-            tree = {key: value for key, value in tree.items() if path + (key,) not in paths}
-        stats = VariableStats.of(tree)
+        if isinstance(values, Mapping):
+            values = {
+                key: value for key, value in values.items() if (tree, path + (key,)) not in paths
+            }
+        stats = VariableStats.of(values)
         if stats.count:
             own[collection] = stats
     return MappingProxyType(own)
 
 
 def _trace(
-    apply: Callable[..., tuple[Any, Any]], inputs: list[Any], vjp: bool
+    apply: Callable[..., tuple[Any, Any]],
+    inputs: list[Any],
+    vjp: bool,
+    module: nn.Module,
+    recorder: _Recorder,
 ) -> tuple[jex_core.ClosedJaxpr, int]:
-    """One trace of ``apply``: its program, and how many of its outputs are the forward's.
+    """The traced program of ``apply``, and how many of its outputs are the forward's.
 
-    With ``vjp``, the program is the whole VJP (forward and backward) of the module's
-    floating-point outputs with respect to the floating-point inputs, traced in the same
-    pass as the forward: its first outputs are the forward's, so the forward program is
-    the part of it they need. (Differentiating a separately traced forward program would
-    evaluate it once more.) Otherwise it is the forward pass.
+    ``apply(recorder, *inputs)`` runs the module under ``recorder``. With ``vjp``, the
+    program is the whole VJP: its inputs are ``inputs`` and then the cotangents of the
+    module's floating-point outputs, its outputs the forward's and then the gradients with
+    respect to the floating-point inputs. The forward pass is traced once, linearised as it
+    goes (``jax.vjp``), and its pullback is traced on abstract cotangents; the two programs
+    are joined at the residuals. Cotangents are inputs, not constants, so that no backward
+    work is folded away that a real training step does (XLA folds arithmetic on constants).
+    Otherwise it is the forward pass. Failures raise ``ValueError`` naming what failed.
     """
     if not vjp:
-        traced = jax.make_jaxpr(apply)(*inputs)
+        try:
+            traced = jax.make_jaxpr(functools.partial(apply, recorder))(*inputs)
+        except Exception as error:
+            raise _trace_error(module, recorder, "applying", error) from error
         return traced, len(traced.out_avals)
     moves = [jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in inputs]
 
-    def forward_and_backward(*leaves: Any) -> Any:
+    def forward(*leaves: Any) -> Any:
         fixed = [leaf for leaf, moving in zip(leaves, moves, strict=True) if not moving]
 
         def differentiable(*moving: Any) -> tuple[list[Any], Any]:
             it_moving, it_fixed = iter(moving), iter(fixed)
-            output, state = apply(*(next(it_moving if m else it_fixed) for m in moves))
+            output, state = apply(recorder, *(next(it_moving if m else it_fixed) for m in moves))
             # Floating-point outputs are differentiated; the rest rides along.
             values = jax.tree_util.tree_leaves(output)
             floats = [value for value in values if jnp.issubdtype(value.dtype, jnp.inexact)]
@@ -581,11 +736,69 @@ def _trace(
             return floats, (others, state)
 
         moving = [leaf for leaf, m in zip(leaves, moves, strict=True) if m]
-        floats, backward, rest = jax.vjp(differentiable, *moving, has_aux=True)
-        return (floats, rest), backward([jnp.ones(out.shape, out.dtype) for out in floats])
+        floats, pullback, rest = jax.vjp(differentiable, *moving, has_aux=True)
+        # The pullback is a pytree whose leaves are the residuals.
+        return (floats, rest), pullback
 
-    traced, (forward, _) = jax.make_jaxpr(forward_and_backward, return_shape=True)(*inputs)
-    return traced, len(jax.tree_util.tree_leaves(forward))
+    try:
+        first, ((floats, rest), pullback) = jax.make_jaxpr(forward, return_shape=True)(*inputs)
+    except Exception as error:
+        if recorder.probing is not None:
+            raise _trace_error(module, recorder, "applying", error) from error
+        # Linearising runs the forward pass. Only now pay for a plain forward trace, to
+        # tell a failing forward pass from a failing linearisation.
+        plain = _Recorder(mark=False)
+        try:
+            jax.eval_shape(functools.partial(apply, plain), *inputs)
+        except Exception as forward_error:
+            raise _trace_error(module, plain, "applying", forward_error) from forward_error
+        raise _trace_error(module, None, "differentiating", error) from error
+    outputs = len(jax.tree_util.tree_leaves((floats, rest)))
+    residuals = jax.tree_util.tree_structure(pullback)
+
+    def backward(residual_values: list[Any], cotangents: list[Any]) -> Any:
+        return jax.tree_util.tree_unflatten(residuals, residual_values)(cotangents)
+
+    try:
+        second = jax.make_jaxpr(backward)(jax.tree_util.tree_leaves(pullback), floats)
+    except Exception as error:
+        raise _trace_error(module, None, "differentiating", error) from error
+    return _join(first, outputs, second), outputs
+
+
+def _join(
+    first: jex_core.ClosedJaxpr, outputs: int, second: jex_core.ClosedJaxpr
+) -> jex_core.ClosedJaxpr:
+    """One program: ``first``, then ``second`` fed with ``first``'s outputs after ``outputs``.
+
+    Its inputs are ``first``'s and ``second``'s remaining ones; its outputs ``first``'s
+    first ``outputs`` and all of ``second``'s. Joined rather than traced as one function so
+    that ``second``'s own inputs (the cotangents) can be inputs of the program.
+    """
+    a, b = first.jaxpr, second.jaxpr
+    passed = a.outvars[outputs:]
+    env: dict[Any, Any] = dict(zip(b.invars[: len(passed)], passed, strict=True))
+
+    def substitute(atom: Any) -> Any:
+        return atom if isinstance(atom, jex_core.Literal) else env.get(atom, atom)
+
+    eqns = [*a.eqns]
+    eqns.extend(eqn.replace(invars=[substitute(v) for v in eqn.invars]) for eqn in b.eqns)
+    invars = [*a.invars, *b.invars[len(passed) :]]
+    outvars = [*a.outvars[:outputs], *(substitute(v) for v in b.outvars)]
+    debug = a.debug_info
+    jaxpr = jex_core.Jaxpr(
+        constvars=[*a.constvars, *b.constvars],
+        invars=invars,
+        outvars=outvars,
+        eqns=eqns,
+        effects=a.effects | b.effects,
+        debug_info=debug._replace(
+            arg_names=(*debug.arg_names, *b.debug_info.arg_names[len(passed) :]),
+            result_paths=None,
+        ),
+    )
+    return jex_core.ClosedJaxpr(jaxpr, [*first.consts, *second.consts])
 
 
 def _dce(program: jex_core.ClosedJaxpr, used: list[bool]) -> jex_core.ClosedJaxpr:

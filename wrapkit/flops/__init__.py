@@ -3,8 +3,12 @@
 Conventions (see the "Counting FLOPs" page for the reasons):
 
 - One multiply-add is 2 FLOPs; transcendentals (exp, log, tanh, sqrt, ...) are counted apart.
-- A loop-free program's total equals ``jax.jit(f).lower(*args).cost_analysis()["flops"]``;
-  convolutions count only the kernel taps that read real (unpadded) input, as XLA does.
+- A loop-free program's total equals XLA's lowered cost analysis,
+  ``jax.jit(f).lower(*args).cost_analysis()["flops"]`` (not the compiled one); convolutions
+  count only the kernel taps that read real (unpadded) input, as XLA does.
+- FLOPs mean what papers mean: random bit generation (``jax.random``'s bits, key splits and
+  fold-ins, whatever the key implementation) costs no FLOPs and is reported as ``rng_bits``,
+  the number of random bits produced. (XLA counts threefry's hash as integer FLOPs.)
 - ``scan``: body x length. ``while``: counted once, flagged ``lower_bound``. ``cond``: the most
   expensive branch, counted in ``branches``. Calls (``jit``, ``custom_jvp``, ``custom_vjp``,
   ``checkpoint``) are recursed into.

@@ -9,9 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.extend import random as jex_random
 from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal
 from jax.extend.source_info_util import new_name_stack
 
@@ -20,7 +18,7 @@ from jax.extend.source_info_util import new_name_stack
 from jax.interpreters import partial_eval as pe
 
 from .._warnings import warn
-from ._rules import _ELEMENTWISE, _RULES, ZERO_COST, Cost, FlopRule, _aval
+from ._rules import _ELEMENTWISE, _RULES, ZERO_COST, Cost, FlopRule
 
 __all__ = ["FlopCount", "UnsupportedPrimitiveWarning", "count", "count_jaxpr"]
 
@@ -49,6 +47,8 @@ class FlopCount:
         branches: how many ``cond``/``switch`` equations were counted by their most expensive
             branch (one per equation visited: a cond in a scan body counts once, whatever the
             scan's length).
+        rng_bits: random bits generated (``jax.random``'s bits and key derivation), which
+            cost no FLOPs.
     """
 
     flops: int
@@ -57,11 +57,12 @@ class FlopCount:
     unsupported: tuple[str, ...] = ()
     lower_bound: bool = False
     branches: int = 0
+    rng_bits: int = 0
 
     @property
     def total(self) -> Cost:
-        """``Cost(flops, transcendentals)``."""
-        return Cost(self.flops, self.transcendentals)
+        """``Cost(flops, transcendentals, rng_bits)``."""
+        return Cost(self.flops, self.transcendentals, self.rng_bits)
 
     @property
     def exact(self) -> bool:
@@ -77,6 +78,8 @@ class FlopCount:
         if self.unsupported:
             notes.append(f"unsupported, counted as 0: {', '.join(self.unsupported)}")
         text = f"{self.flops:,} FLOPs, {self.transcendentals:,} transcendentals"
+        if self.rng_bits:
+            text += f", {self.rng_bits:,} random bits"
         return text + "".join(f"\n  ({note})" for note in notes)
 
 
@@ -90,6 +93,7 @@ class _Tally:
         "unsupported",
         "lower_bound",
         "branches",
+        "rng_bits",
     )
 
     def __init__(self) -> None:
@@ -99,10 +103,12 @@ class _Tally:
         self.unsupported: set[str] = set()
         self.lower_bound = False
         self.branches = 0
+        self.rng_bits = 0
 
     def add(self, primitive: str, cost: Cost) -> None:
         self.flops += cost.flops
         self.transcendentals += cost.transcendentals
+        self.rng_bits += cost.rng_bits
         previous = self.by_primitive.get(primitive)
         self.by_primitive[primitive] = cost if previous is None else previous + cost
 
@@ -122,6 +128,7 @@ class _Tally:
             unsupported=tuple(sorted(self.unsupported)),
             lower_bound=self.lower_bound,
             branches=self.branches,
+            rng_bits=self.rng_bits,
         )
 
 
@@ -149,64 +156,6 @@ _CALLS: dict[str, str] = {
     "custom_vmap_call": "call",
     "composite": "jaxpr",
 }
-
-# Built-in PRNG implementations by the tag in their key dtype's name, `key<fry>`.
-_PRNG_IMPLS = {
-    impl.tag: impl
-    for impl in (
-        jex_random.threefry_prng_impl,
-        jex_random.rbg_prng_impl,
-        jex_random.unsafe_rbg_prng_impl,
-    )
-}
-
-
-def _vmapped(fn: Callable[..., Any], times: int) -> Callable[..., Any]:
-    for _ in range(times):
-        fn = jax.vmap(fn)
-    return fn
-
-
-def _key_impl(aval: Any) -> Any:
-    name = str(aval.dtype)
-    return _PRNG_IMPLS.get(name[4:-1]) if name.startswith("key<") else None
-
-
-def _prng_expansion(eqn: JaxprEqn) -> Jaxpr | None:
-    """The jaxpr JAX lowers a PRNG-key primitive to: its implementation on the raw key data."""
-    name, params = eqn.primitive.name, eqn.params
-    if name == "random_seed":
-        impl, seeds = params["impl"], _aval(eqn.invars[0])
-        fn = _vmapped(impl.seed, seeds.ndim)
-        closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(seeds.shape, seeds.dtype))
-    else:
-        keys = _aval(eqn.invars[0])
-        impl = _key_impl(keys)
-        if impl is None:
-            return None
-        data = jax.ShapeDtypeStruct((*keys.shape, *impl.key_shape), np.uint32)
-        if name == "random_bits":
-            bits = _vmapped(
-                lambda k: impl.random_bits(k, params["bit_width"], params["shape"]), keys.ndim
-            )
-            closed = jax.make_jaxpr(bits)(data)
-        elif name == "random_split":
-            split = _vmapped(lambda k: impl.split(k, params["shape"]), keys.ndim)
-            closed = jax.make_jaxpr(split)(data)
-        else:  # random_fold_in: keys and messages broadcast against each other
-            msgs = _aval(eqn.invars[1])
-            shape = jnp.broadcast_shapes(keys.shape, msgs.shape)
-
-            def fold_in(k: jax.Array, m: jax.Array) -> jax.Array:
-                k = jnp.broadcast_to(k, (*shape, *impl.key_shape))
-                return _vmapped(impl.fold_in, len(shape))(k, jnp.broadcast_to(m, shape))
-
-            closed = jax.make_jaxpr(fold_in)(data, jax.ShapeDtypeStruct(msgs.shape, msgs.dtype))
-    return _dce(closed.jaxpr)
-
-
-_PRNG_PRIMITIVES = frozenset({"random_seed", "random_bits", "random_split", "random_fold_in"})
-
 
 # XLA folds elementwise work on compile-time constants (literals, closed-over arrays and what is
 # computed from them alone) and drops the identities x * 1, x + 0, x - 0 and select(p, x, x)
@@ -271,7 +220,6 @@ class _Walker:
         self.on_cost = on_cost
         # (id(jaxpr), inputs) -> (jaxpr, tally); the jaxpr is held so that its id stays unique.
         self.tallies: dict[tuple[int, _Inputs], tuple[Jaxpr, _Tally]] = {}
-        self.expansions: dict[tuple[Any, ...], Jaxpr | None] = {}
 
     def tally(self, jaxpr: Jaxpr, inputs: _Inputs = None) -> _Tally:
         """The cost of one run of ``jaxpr``, without reporting to ``on_cost``."""
@@ -357,7 +305,8 @@ class _Walker:
             branches = [_open(branch) for branch in params["branches"]]
             costs = [self.tally(branch) for branch in branches]
             chosen = max(
-                range(len(branches)), key=lambda i: (costs[i].flops, costs[i].transcendentals)
+                range(len(branches)),
+                key=lambda i: (costs[i].flops, costs[i].transcendentals, costs[i].rng_bits),
             )
             for other in costs:  # a rule missing in any branch makes the choice uncertain
                 tally.unsupported |= other.unsupported
@@ -370,24 +319,8 @@ class _Walker:
             self.call(eqn, _open(params["jaxpr"]), tally, times * shards, prefix)
         elif name == "custom_linear_solve":
             self.call(eqn, _open(params["jaxprs"].solve), tally, times, prefix)
-        elif name in _PRNG_PRIMITIVES:
-            expansion = self.prng_expansion(eqn)
-            if expansion is None:
-                tally.unsupported.add(name)
-            else:
-                self.call(eqn, expansion, tally, times, prefix)
         else:
             tally.unsupported.add(name)
-
-    def prng_expansion(self, eqn: JaxprEqn) -> Jaxpr | None:
-        key = (
-            eqn.primitive.name,
-            tuple((_aval(v).shape, str(_aval(v).dtype)) for v in eqn.invars),
-            tuple(sorted((k, repr(v)) for k, v in eqn.params.items())),
-        )
-        if key not in self.expansions:
-            self.expansions[key] = _prng_expansion(eqn)
-        return self.expansions[key]
 
 
 def _constant_inputs(eqn: JaxprEqn, constants: dict[Any, int | None]) -> _Inputs:

@@ -13,11 +13,13 @@ Primitives that call other jaxprs (``jit``, ``scan``, ``cond``, ...) are not rul
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import jax
 import numpy as np
 from jax import dtypes, lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn
@@ -25,35 +27,49 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn
 __all__ = ["ZERO_COST", "Cost", "FlopRule", "elementwise", "reduction", "register_rule"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Cost:
-    """FLOPs and transcendentals of some work, as exact Python integers.
+    """FLOPs, transcendentals and random bits of some work, as exact Python integers.
 
-    Costs add, and multiply by an integer (a loop's trip count).
+    Costs add, and multiply by an integer (a loop's trip count). Random bit generation
+    (``jax.random``'s bits and key derivation) costs no FLOPs: it is counted as the number
+    of random bits produced, ``rng_bits``, which the repr shows only when there are any.
 
     Examples:
         >>> from wrapkit.flops import Cost
         >>> 3 * (Cost(flops=2) + Cost(transcendentals=1))
         Cost(flops=6, transcendentals=3)
+        >>> Cost(flops=1) + Cost(rng_bits=4096)
+        Cost(flops=1, transcendentals=0, rng_bits=4096)
     """
 
     flops: int = 0
     transcendentals: int = 0
+    rng_bits: int = 0
 
     def __add__(self, other: Cost) -> Cost:
         if not isinstance(other, Cost):
             return NotImplemented
-        return Cost(self.flops + other.flops, self.transcendentals + other.transcendentals)
+        return Cost(
+            self.flops + other.flops,
+            self.transcendentals + other.transcendentals,
+            self.rng_bits + other.rng_bits,
+        )
 
     def __mul__(self, times: int) -> Cost:
         if not isinstance(times, int | np.integer) or isinstance(times, bool):
             return NotImplemented
-        return Cost(self.flops * int(times), self.transcendentals * int(times))
+        times = int(times)
+        return Cost(self.flops * times, self.transcendentals * times, self.rng_bits * times)
 
     __rmul__ = __mul__
 
     def __bool__(self) -> bool:
-        return bool(self.flops or self.transcendentals)
+        return bool(self.flops or self.transcendentals or self.rng_bits)
+
+    def __repr__(self) -> str:
+        bits = f", rng_bits={self.rng_bits}" if self.rng_bits else ""
+        return f"Cost(flops={self.flops}, transcendentals={self.transcendentals}{bits})"
 
 
 class FlopRule(Protocol):
@@ -691,36 +707,42 @@ def _triangular_solve(eqn: JaxprEqn) -> Cost:
 _register(_triangular_solve, "triangular_solve")
 
 # -- random numbers ------------------------------------------------------------------------------
+# FLOPs mean what papers mean: generating random bits is not floating-point work, so these
+# rules cost it as the number of random bits produced (``rng_bits``) and no FLOPs, whatever
+# the key implementation (threefry's hash, RBG's generator). Turning bits into numbers
+# (``jax.random.uniform``'s shift, or, bitcast, ...) is arithmetic, and counted as FLOPs.
+
+
+def _bits(aval: Any) -> int:
+    """Bits held by an abstract array; a PRNG key counts the bits of its key data."""
+    if dtypes.issubdtype(aval.dtype, dtypes.prng_key):
+        return _size(aval) * _key_data_bits(aval.dtype)
+    return _size(aval) * np.dtype(aval.dtype).itemsize * 8
+
+
+@functools.cache
+def _key_data_bits(dtype: Any) -> int:
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct((), dtype))
+    return math.prod(data.shape) * np.dtype(data.dtype).itemsize * 8
+
+
+def _random_output(eqn: JaxprEqn) -> Cost:
+    # random_bits, random_split, random_fold_in: every output bit is a random bit (a split
+    # or fold_in makes new keys by hashing).
+    return Cost(rng_bits=sum(_bits(_aval(var)) for var in eqn.outvars))
+
+
+_register(_random_output, "random_bits", "random_split", "random_fold_in")
+_register(_xla_counts_nothing, "random_seed")  # lays the seed out as key data: no random bits
 
 
 def _rng_bit_generator(eqn: JaxprEqn) -> Cost:
-    # XLA counts one transcendental per generated element, the u64[2] state included. JAX's
-    # u32[4] key is bitcast to u64[2] (2 elements); the bitcast of the new state back is not
-    # counted, as XLA drops it when the state is unused (always, for jax.random's RBG keys).
-    # Unsigned bits are converted to any other requested dtype.
-    key = _aval(eqn.invars[0])
-    out = _elements(eqn.outvars[1])
-    flops = 2 if np.dtype(key.dtype) == np.uint32 else 0
-    if np.dtype(eqn.params["dtype"]).kind != "u":
-        flops += out
-    return Cost(flops, out + 2)
+    # The generated array; the new generator state (outvars[0]) is bookkeeping.
+    return Cost(rng_bits=_bits(_aval(eqn.outvars[1])))
 
 
 _register(_rng_bit_generator, "rng_bit_generator")
-_register(elementwise(flops=0, transcendentals=1), "rng_uniform")
-
-
-def _threefry2x32(eqn: JaxprEqn) -> Cost:
-    # The unrolled Threefry-2x32 hash: 2 key injections + 5 x (4 rounds of add, shift, shift, or,
-    # xor + 3 key injections) = 117 integer ops per element, and 2 ops on the key for the third
-    # key word. (JAX's CPU lowering rolls the 5 blocks into a while loop, which XLA counts once;
-    # this is the count of the loop-free lowering used on GPU and TPU.)
-    key1, key2 = _aval(eqn.invars[0]), _aval(eqn.invars[1])
-    keys = max(_size(key1), _size(key2))
-    return Cost(117 * _elements(eqn.outvars[0]) + 2 * keys)
-
-
-_register(_threefry2x32, "threefry2x32")
+_register(_random_output, "rng_uniform", "threefry2x32")
 
 
 def _iota_2x32_shape(eqn: JaxprEqn) -> Cost:
