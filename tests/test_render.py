@@ -5,6 +5,7 @@ import inspect
 import io
 import pathlib
 import re
+import sys
 from types import MappingProxyType
 from typing import Any
 
@@ -20,8 +21,8 @@ from flax.linen import summary as flax_summary
 
 import wrapkit
 from wrapkit._summary.data import Row, Summary, VariableStats
-from wrapkit._summary.render import _bytes_text, markdown, rich_table
-from wrapkit._summary.tabulate import tabulate
+from wrapkit._summary.render import _bytes_text, _short_text, markdown, rich_table
+from wrapkit._summary.tabulate import _columns, tabulate
 from wrapkit.flops import Cost
 
 F32 = jnp.float32
@@ -350,7 +351,11 @@ def test_notes_say_why_flops_are_not_exact(fields, note):
 def test_no_notes_when_flops_are_exact():
     summary = model_summary()
     assert markdown(summary).endswith("Total Parameters: 120 (480 B)\n")
-    assert plain(rich_table(summary).caption) == "\nTotal Parameters: 120 (480 B)"
+    assert plain(rich_table(summary).caption) == (
+        "\nTotal Parameters: 120 (480 B)\n"
+        "flops: total with callees (own); vjp_flops: share of forward + backward (own); "
+        "params, batch_stats: count (bytes)"
+    )
 
 
 def test_nested_inputs_and_outputs_read_like_a_call_site():
@@ -590,7 +595,7 @@ def test_the_docs_page_shows_what_its_code_prints(capsys):
         exec(compile(block, str(DOCS_PAGE), "exec"), namespace)
     printed = capsys.readouterr().out
     shown = re.findall(r"^```text\n(.*?)^```", page, re.DOTALL | re.MULTILINE)
-    assert len(shown) == 3
+    assert len(shown) == 4
     for block in shown:
         assert block in printed
 
@@ -616,3 +621,260 @@ def test_a_summary_shows_itself_in_a_repl_in_rich_and_in_notebooks():
     single = wrapkit.summary(nn.Dense(3), jax.ShapeDtypeStruct((2, 4), jnp.float32), vjp=True)
     flops = 2 * 2 * 4 * 3 + 2 * 3  # matmul and bias
     assert repr(single) == f"Summary(Dense, 1 call, flops={flops}, vjp_flops={single.vjp_flops})"
+
+
+# --- fitting a width ------------------------------------------------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The examples are a folder of scripts, not an installed package.
+sys.path.insert(0, str(ROOT))
+
+from examples import gpt2, wrap_model  # noqa: E402
+
+UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+BYTE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+@pytest.fixture(scope="module")
+def gpt2_small() -> Summary:
+    return wrapkit.summary(gpt2.gpt2_small(), jax.ShapeDtypeStruct((1, 128), jnp.int32), vjp=True)
+
+
+@pytest.fixture(scope="module")
+def resnet() -> Summary:
+    return wrapkit.summary(wrap_model.resnet(), jax.ShapeDtypeStruct((8, 32, 32, 3), F32), vjp=True)
+
+
+def printed(table: Any, width: int) -> str:
+    console = rich.console.Console(width=width, record=True, file=io.StringIO())
+    console.print(table)
+    return console.export_text()
+
+
+def parse_table(text: str) -> tuple[list[str], list[dict[str, str]]]:
+    """The headers and, per row (the footer last), each column's lines joined."""
+
+    def split(line: str, bar: str) -> list[str]:
+        return [cell.strip() for cell in line.split(bar)[1:-1]]
+
+    lines = text.splitlines()
+    heads = [split(line, "┃") for line in lines if line.startswith("┃")]
+    headers = [" ".join(part for part in parts if part) for parts in zip(*heads, strict=True)]
+    rows, block = [], []
+    for line in lines:
+        if line.startswith("│"):
+            block.append(split(line, "│"))
+        elif block:
+            joined = {}
+            for header, parts in zip(headers, zip(*block, strict=True), strict=True):
+                glue = "" if header == "path" else " "  # a path wraps after a "/"
+                joined[header] = glue.join(part for part in parts if part)
+            rows.append(joined)
+            block = []
+    return headers, rows
+
+
+def assert_reads_as(text: str, exact: int) -> None:
+    """``text`` is ``exact``, written exactly or to within its unit's rounding."""
+    match = re.fullmatch(r"([\d,]+(?:\.\d)?)([KMGT]?)", text)
+    assert match, text
+    number, unit = float(match[1].replace(",", "")), UNITS[match[2]]
+    if unit == 1:
+        assert number == exact, text
+    else:
+        assert abs(number * unit - exact) <= 0.05 * unit, (text, exact)
+
+
+def assert_count_cell(cell: str, count: int | None, second: int | None, nbytes: bool) -> None:
+    if count is None:
+        assert cell == ""
+        return
+    pattern = r"(\S+)(?: \((?:own )?(\S+?)( ?[KMG]?B)?\))?"
+    match = re.fullmatch(pattern, cell)
+    assert match, cell
+    assert_reads_as(match[1], count)
+    if second is None:
+        assert match[2] is None, cell
+    elif nbytes:
+        scale = BYTE_UNITS[match[3].strip()]
+        assert abs(float(match[2].replace(",", "")) * scale - second) <= 0.05 * scale, cell
+    else:
+        assert_reads_as(match[2], second)
+
+
+@pytest.mark.parametrize("width", [80, 120])
+@pytest.mark.parametrize("model", ["gpt2_small", "resnet"])
+def test_tables_fit_the_width_without_cutting_a_number(request, model, width):
+    summary = request.getfixturevalue(model)
+    text = printed(rich_table(summary, width=width), width)
+    assert max(len(line) for line in text.splitlines()) <= width
+    assert "…" not in text
+    headers, rows = parse_table(text)
+    assert {"path", "flops", "vjp_flops", "params"} <= set(headers)
+    assert len(rows) == len(summary.rows) + 1
+    for row, shown in zip(summary.rows, rows, strict=False):
+        assert shown["path"] == row.name
+        own = None if row.own_flops == row.flops else row.own_flops
+        assert_count_cell(shown["flops"], row.flops, own, nbytes=False)
+        own_vjp = None if row.own_vjp_flops == row.vjp_flops else row.own_vjp_flops
+        assert_count_cell(shown["vjp_flops"], row.vjp_flops, own_vjp, nbytes=False)
+        for name in summary.collections:
+            stats = None if row.repeated else row.variables.get(name)
+            assert_count_cell(
+                shown[name],
+                stats.count if stats else None,
+                stats.bytes if stats else None,
+                nbytes=True,
+            )
+    footer = rows[-1]
+    assert_count_cell(footer["flops"], summary.flops, None, nbytes=False)
+    assert_count_cell(footer["vjp_flops"], summary.vjp_flops, None, nbytes=False)
+    params = summary.variables["params"]
+    assert_count_cell(footer["params"], params.count, params.bytes, nbytes=True)
+    assert "flops: total with callees (own); vjp_flops: share of forward + backward (own)" in (
+        " ".join(text.split())
+    )
+
+
+def test_a_table_that_fits_is_the_natural_table(tied):
+    natural = printed(rich_table(tied), 250)
+    assert printed(rich_table(tied, width=250), 250) == natural
+    assert "K, M, G, T" not in natural  # exact numbers: no units to explain
+
+
+def test_narrow_tables_use_short_units_and_say_so(gpt2_small):
+    text = printed(rich_table(gpt2_small, width=80), 80)
+    # Exact numbers where they fit, short units where they do not.
+    assert "32,310,947,840" in text  # the forward FLOPs
+    assert re.search(r"\b96\.9G\b", text)  # the VJP's, 96,935,918,464
+    assert "K, M, G, T: 10^3, 10^6, 10^9, 10^12" in " ".join(text.split())
+
+
+def test_shapes_are_dropped_before_numbers_inputs_first(resnet):
+    widths = {}
+    for width in range(200, 60, -5):
+        headers, _ = parse_table(printed(rich_table(resnet, width=width), width))
+        widths[width] = headers
+    with_outputs_only = [w for w, h in widths.items() if "outputs" in h and "inputs" not in h]
+    assert with_outputs_only, widths  # the inputs go first
+    assert all("inputs" in widths[w] for w in widths if w > max(with_outputs_only))
+    assert all({"flops", "vjp_flops", "params"} <= set(h) for h in widths.values())
+
+
+def test_a_long_path_wraps_after_a_slash(resnet):
+    table = rich_table(resnet, width=80)
+    paths = [plain(cell) for cell in table.columns[0].cells]
+    assert any("/\n" in path for path in paths)
+    assert [path.replace("\n", "") for path in paths] == [row.name for row in resnet.rows]
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [
+        (0, "0"),
+        (999, "999"),
+        (1000, "1.0K"),
+        (73_058_304, "73.1M"),
+        (73_058, "73.1K"),
+        (999_960, "1.0M"),
+        (6_918_848, "6.9M"),
+        (1_234_567_890, "1.2G"),
+        (5 * 10**15, "5,000.0T"),
+    ],
+)
+def test_short_numbers(count, text):
+    assert _short_text(count) == text
+
+
+@hypothesis.given(st.integers(min_value=0, max_value=10**15))
+def test_short_numbers_read_back_within_their_rounding(count):
+    assert_reads_as(_short_text(count), count)
+
+
+@pytest.mark.parametrize(
+    ("width", "error", "match"),
+    [
+        (0, ValueError, r"width=0 is not positive\. Pass the number of terminal columns"),
+        (-3, ValueError, r"width=-3 is not positive"),
+        ("80", TypeError, r"width='80' is not an integer\. Pass the number of terminal columns"),
+        (True, TypeError, r"width=True is not an integer"),
+    ],
+    ids=["zero", "negative", "string", "bool"],
+)
+def test_bad_widths_are_named(width, error, match):
+    with pytest.raises(error, match=match):
+        rich_table(model_summary(), width=width)
+
+
+def test_tabulate_fits_the_consoles_width(resnet):
+    text = tabulate(
+        wrap_model.resnet(),
+        jax.random.key(0),
+        compute_flops=True,
+        compute_vjp_flops=True,
+        console_kwargs={"width": 80, "force_terminal": False},
+    )(jax.ShapeDtypeStruct((8, 32, 32, 3), F32))
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text
+    total = sum(resnet.variables.values(), VariableStats())
+    assert f"Total Parameters: {total.count:,} ({_bytes_text(total.bytes)})" in text
+
+
+# --- random bits ----------------------------------------------------------------------------
+
+
+def with_rng_bits(summary: Summary) -> Summary:
+    """``summary`` as if its Dense layers each drew 1,000 random bits (a dropout mask)."""
+    own = [1000 if row.module_type == "Dense" else 0 for row in summary.rows]
+    totals = list(own)
+    for row in reversed(summary.rows):
+        if row.parent is not None:
+            totals[row.parent] += totals[row.index]
+    rows = tuple(
+        dataclasses.replace(row, own_rng_bits=own[row.index], rng_bits=totals[row.index])
+        for row in summary.rows
+    )
+    return dataclasses.replace(summary, rows=rows, rng_bits=totals[0])
+
+
+def test_rng_bits_column_only_when_the_model_draws_random_bits(tied):
+    assert "RNG bits" not in table_columns(rich_table(tied))
+    assert "RNG bits" not in markdown_header(markdown(tied))
+    drawing = with_rng_bits(tied)
+    assert drawing.rng_bits == 3000  # proj's Dense and the two of mlp
+    columns = table_columns(rich_table(drawing))
+    assert list(columns)[:7] == [
+        "path",
+        "module",
+        "inputs",
+        "outputs",
+        "flops",
+        "vjp_flops",
+        "RNG bits",
+    ]
+    by_type = dict(zip(columns["module"], columns["RNG bits"], strict=True))
+    assert columns["RNG bits"][0] == "3,000 (own 0)"
+    assert by_type["  Sequential"] == "2,000 (own 0)" and by_type["    Dense"] == "1,000"
+    assert table_footer(rich_table(drawing))["RNG bits"] == "3,000"
+    assert "RNG bits: random bits drawn (own)" in plain(rich_table(drawing).caption)
+    text = markdown(drawing)
+    header = markdown_header(text)
+    assert header[6] == "RNG bits"
+    assert markdown_rows(text)[-1][6] == "**3,000**"
+    assert [row[6] for row in markdown_rows(text)[:-1]] == list(columns["RNG bits"])
+
+
+def test_rng_bits_can_be_asked_for_and_fit_a_width(tied):
+    columns = table_columns(rich_table(tied, columns=("path", "rng_bits")))
+    assert columns["RNG bits"][0] == "0"
+    text = printed(rich_table(with_rng_bits(tied), width=80), 80)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    headers, rows = parse_table(text)
+    assert "RNG bits" in headers and rows[-1]["RNG bits"] == "3,000"
+
+
+def test_tabulate_shows_rng_bits_next_to_the_flops(tied):
+    drawing = with_rng_bits(tied)
+    assert "rng_bits" in _columns(drawing, compute_flops=True, compute_vjp_flops=False)
+    assert "rng_bits" not in _columns(drawing, compute_flops=False, compute_vjp_flops=False)
+    assert "rng_bits" not in _columns(tied, compute_flops=True, compute_vjp_flops=True)

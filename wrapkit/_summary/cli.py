@@ -13,13 +13,17 @@ import inspect
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+if TYPE_CHECKING:
+    from .data import Summary
+
 PROG = "python -m wrapkit"
+"""How the usage line names the program; the ``wrapkit`` console script passes its own name."""
 
 _TARGET_HELP = (
     "a zero-argument callable that returns a Linen module, as PACKAGE.MODULE:FACTORY "
@@ -29,29 +33,55 @@ _INPUT_HELP = (
     "one positional input, as a shape and an optional dtype: 8x224x224x3, 1x128:int32, "
     "scalar:float32 (default dtype float32); repeat for several inputs"
 )
+_USAGE, _FAILED = 2, 1
+"""Exit statuses: a malformed command line (as argparse), and a model that fails."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+class _Failure(Exception):
+    """A command-line failure: one line for stderr, and the exit status."""
+
+    def __init__(self, message: str, status: int = _USAGE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised as one-line failures rather than usage and exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _Failure(message)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "wrapkit") -> int:
     """Runs the command line.
+
+    Every failure prints one line, ``wrapkit: error: ...``, to stderr, saying what went
+    wrong and, where there is one, the fix.
 
     Args:
         argv: the arguments after the program name; ``None`` reads ``sys.argv``.
+        prog: the program's name in the usage and ``--help`` text.
 
     Returns:
-        The exit status: 0, or 1 when the model fails to trace. Malformed arguments exit
-        with status 2 through ``SystemExit``, as ``argparse`` does.
+        The exit status: 0; 2 for a malformed command line (a target that cannot be
+        imported or is not a module factory, a bad ``--input``, ``--method``, ``--depth``
+        or ``--width``); 1 when the factory raises or the model fails to trace.
+        ``--help`` and ``--version`` exit with 0 through ``SystemExit``.
     """
-    parser, summary_parser = _parsers()
-    args = parser.parse_args(argv)
-    if args.command != "summary":  # pragma: no cover - argparse requires a command
-        parser.error(f"unknown command {args.command!r}")
-    return _summary_command(summary_parser, args)
+    try:
+        parser = _parsers(prog)
+        args = parser.parse_args(argv)
+        return _summary_command(args)
+    except _Failure as failure:
+        print(f"wrapkit: error: {failure}", file=sys.stderr)
+        return failure.status
 
 
-def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="wrapkit's command line tools for Flax models."
-    )
+def _parsers(prog: str) -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = _Parser(prog=prog, description="wrapkit's command line tools for Flax models.")
+    parser.add_argument("--version", action="version", version=f"wrapkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     summary_parser = commands.add_parser(
         "summary",
@@ -89,7 +119,16 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     summary_parser.add_argument(
         "--method", metavar="NAME", help="the module method to call (default __call__)"
     )
-    return parser, summary_parser
+    summary_parser.add_argument(
+        "--width",
+        type=_width,
+        metavar="N",
+        help=(
+            "fit the table in N columns (default: the terminal's; into a file or a pipe, "
+            "the table's natural width); table only"
+        ),
+    )
+    return parser
 
 
 def input_spec(spec: str) -> jax.ShapeDtypeStruct:
@@ -154,56 +193,82 @@ def _depth(text: str) -> int:
     return int(text)
 
 
-def _summary_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    module = _load_module(parser, args.target)
+def _width(text: str) -> int:
+    if not (text.isdecimal() and text.isascii() and int(text) > 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a width: pass a positive number of terminal columns, e.g. 80"
+        )
+    return int(text)
+
+
+def _summary_command(args: argparse.Namespace) -> int:
+    module = _load_module(args.target)
     if args.method is not None and not callable(getattr(module, args.method, None)):
-        parser.error(
+        methods = ", ".join(_public_methods(module))
+        listed = f"pass one of its methods ({methods})" if methods else "pass one of its methods"
+        raise _Failure(
             f"--method {args.method}: {type(module).__name__} has no method "
-            f"{args.method!r}; name one of its methods, or leave --method out for __call__"
+            f"{args.method!r}; {listed}, or leave --method out for __call__"
         )
     from .capture_linen import summary
 
     try:
         result = summary(module, *args.inputs, method=args.method, vjp=args.vjp)
     except ValueError as error:
-        # summary's message names the module path and method where the trace failed.
-        print(f"{PROG} summary: error: {error}", file=sys.stderr)
-        return 1
+        # summary's first line names the module path and method where the trace failed.
+        raise _Failure(str(error).splitlines()[0], _FAILED) from error
     if args.format == "json":
         print(result.to_json(indent=2))
     elif args.format == "markdown":
         print(result.to_markdown(args.depth), end="")
     else:
-        _print_table(result.to_rich(args.depth))
+        _print_table(result, args.depth, args.width)
     return 0
 
 
-def _print_table(table: Any) -> None:
+def _public_methods(module: nn.Module) -> list[str]:
+    """The methods a module's class adds to ``nn.Module``'s, for a ``--method`` hint."""
+    inherited = set(dir(nn.Module))
+    # Looked up on the class, not the instance: nothing of the module runs.
+    return [
+        name
+        for name in dir(type(module))
+        if not name.startswith("_")
+        and name not in inherited
+        and inspect.isfunction(inspect.getattr_static(type(module), name))
+    ]
+
+
+def _print_table(result: Summary, depth: int | None, width: int | None) -> None:
     import rich.console
     import rich.measure
 
+    from .render import rich_table
+
     console = rich.console.Console()
-    if not console.is_terminal:
-        # Into a file or a pipe, the table keeps its natural width instead of 80 columns.
-        options = console.options.update_width(1_000_000)
-        natural = rich.measure.Measurement.get(console, options, table).maximum
-        console = rich.console.Console(width=max(natural, console.width))
-    console.print(table)
+    if width is None and console.is_terminal:
+        width = console.width
+    table = rich_table(result, depth, width=width)
+    # Into a file or a pipe, the table keeps its natural width instead of 80 columns; and a
+    # table that cannot be made narrow enough is printed whole rather than cut.
+    options = console.options.update_width(1_000_000)
+    needed = rich.measure.Measurement.get(console, options, table).maximum
+    rich.console.Console(width=max(needed, width or console.width)).print(table)
 
 
-def _load_module(parser: argparse.ArgumentParser, target: str) -> nn.Module:
-    """Imports ``PACKAGE.MODULE:FACTORY`` and calls the factory; usage errors exit with 2."""
+def _load_module(target: str) -> nn.Module:
+    """Imports ``PACKAGE.MODULE:FACTORY`` and calls the factory."""
     form = "write PACKAGE.MODULE:FACTORY, e.g. examples.gpt2:gpt2_small"
     module_name, colon, factory_name = target.partition(":")
     if not colon:
-        parser.error(f"target {target!r} has no ':' between the module and the factory; {form}")
+        raise _Failure(f"target {target!r} has no ':' between the module and the factory; {form}")
     if not module_name or not factory_name:
         missing = "module" if not module_name else "factory"
-        parser.error(f"target {target!r} has no {missing} name; {form}")
+        raise _Failure(f"target {target!r} has no {missing} name; {form}")
     bad = [part for part in module_name.split(".") if not part.isidentifier()]
     bad += [part for part in factory_name.split(".") if not part.isidentifier()]
     if bad or ":" in factory_name:
-        parser.error(f"target {target!r} is not a module and attribute name; {form}")
+        raise _Failure(f"target {target!r} is not a module and attribute name; {form}")
 
     # Like `python -m`, make the working directory importable (for an installed console script).
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -211,43 +276,55 @@ def _load_module(parser: argparse.ArgumentParser, target: str) -> nn.Module:
     try:
         found: Any = importlib.import_module(module_name)
     except ImportError as error:
-        parser.error(
+        raise _Failure(
             f"cannot import {module_name!r} ({error}); run from the directory that contains "
             "it, or install its package"
-        )
+        ) from error
+    except Exception as error:  # the module's own code failed: say how, in one line
+        raise _Failure(f"importing {module_name!r} raised {_one_line(error)}", _FAILED) from error
     owner = module_name
     for name in factory_name.split("."):
-        if not hasattr(found, name):
+        try:
+            found = getattr(found, name)
+        except AttributeError:
             names = [n for n in dir(found) if not n.startswith("_")]
             close = difflib.get_close_matches(name, names, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            parser.error(f"{owner!r} has no attribute {name!r}{hint}")
-        found = getattr(found, name)
+            raise _Failure(f"{owner!r} has no attribute {name!r}{hint}") from None
         owner = f"{owner}.{name}"
 
     if not callable(found):
-        parser.error(
+        raise _Failure(
             f"{target} is not callable (got {type(found).__name__}); FACTORY must be a "
             "zero-argument function (or class) that returns a Linen module"
         )
     if isinstance(found, nn.Module):
-        parser.error(
+        raise _Failure(
             f"{target} is a {type(found).__name__} instance, not a factory; FACTORY must be a "
             "zero-argument function that returns the module"
         )
     try:
         inspect.signature(found).bind()
     except TypeError as error:
-        parser.error(
+        raise _Failure(
             f"{target} cannot be called without arguments ({error}); FACTORY must take no "
             "arguments: wrap it in a function that fills them in"
-        )
+        ) from error
     except ValueError:  # no signature to inspect (a builtin); let the call decide
         pass
-    module = found()
+    try:
+        module = found()
+    except Exception as error:  # the factory is the user's code: report what it raised
+        raise _Failure(f"{target}() raised {_one_line(error)}", _FAILED) from error
     if not isinstance(module, nn.Module):
-        parser.error(
+        raise _Failure(
             f"{target}() returned {type(module).__name__}, not a flax.linen.Module; "
             "FACTORY must return a Linen module"
         )
     return module
+
+
+def _one_line(error: Exception) -> str:
+    """``TypeName: first line of the message``."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -11,6 +11,7 @@ import flax.linen as nn
 from flax.core.scope import CollectionFilter, DenyList
 
 from .capture_linen import summary
+from .data import Summary
 from .render import CALL_COLUMNS, rich_table
 
 # flax's default: Module.init makes every collection but "intermediates" mutable.
@@ -49,8 +50,13 @@ def tabulate(
       its own; flax's ``0`` for non-differentiable calls is simply their share.
     - Rows come in call order (flax sorts them by variable path); ``depth`` counts calls
       (a wrapped module is one level below its wrapper).
-    - The footer also totals the FLOPs, and the caption says when they are a lower bound
-      (primitives without a FLOP rule, a ``while`` loop counted once).
+    - The footer also totals the FLOPs; the caption has a legend of the numbers and says
+      when the FLOPs are a lower bound (primitives without a FLOP rule, a ``while`` loop
+      counted once).
+    - The table fits the console's width: text wraps, then numbers take short units
+      (``6.9M``), then the inputs and outputs columns go; numbers are never cut.
+    - With ``compute_flops``, a model that draws random bits (dropout) gets an
+      ``RNG bits`` column.
 
     Args:
         module: the module to tabulate.
@@ -61,7 +67,8 @@ def tabulate(
         mutable: collections the call may update, as in ``Module.init``: by default all
             but ``intermediates``.
         console_kwargs: passed to ``rich.console.Console`` (``{"width": 120}`` ...), over
-            the defaults ``{"force_terminal": True, "force_jupyter": False}``.
+            the defaults ``{"force_terminal": True, "force_jupyter": False}``. The table is
+            fitted to the console's width without cutting a number.
         table_kwargs: passed to ``rich.table.Table``.
         column_kwargs: passed to ``rich.table.Table.add_column`` for every column.
         compute_flops: add a ``flops`` column: forward FLOPs of each call.
@@ -96,6 +103,7 @@ def tabulate(
         └──────────┴────────────┴───────────────┴───────────────┴────────────────┴────────────┘
         <BLANKLINE>
                                      Total Parameters: 50 (200 B)
+                        flops: total with callees (own); params: count (bytes)
         <BLANKLINE>
 
         The ``(own 64)`` is the ``relu``, which runs in ``Sequential`` itself.
@@ -103,13 +111,7 @@ def tabulate(
     kwargs = dict(kwargs)
     kwargs.pop("capture_intermediates", None)
     console_options = {"force_terminal": True, "force_jupyter": False, **(console_kwargs or {})}
-    columns = [
-        column
-        for column in CALL_COLUMNS
-        if column not in ("flops", "vjp_flops")
-        or (column == "flops" and compute_flops)
-        or (column == "vjp_flops" and compute_vjp_flops)
-    ]
+    table_options = dict(table_kwargs)
 
     def tabulate_fn(*fn_args: Any, **fn_kwargs: Any) -> str:
         result = summary(
@@ -121,18 +123,31 @@ def tabulate(
             **fn_kwargs,
             **kwargs,
         )
+        import rich.console
+
+        buffer = io.StringIO()
+        console = rich.console.Console(file=buffer, **console_options)
         table = rich_table(
             result,
             depth,
             show_repeated=show_repeated,
-            columns=columns,
+            columns=_columns(result, compute_flops, compute_vjp_flops),
             column_kwargs=column_kwargs,
-            **table_kwargs,
+            # The console's width, or the table's own width when table_kwargs fixes one.
+            width=table_options.pop("width", console.width),
+            **table_options,
         )
-        import rich.console
-
-        buffer = io.StringIO()
-        rich.console.Console(file=buffer, **console_options).print(table)
+        console.print(table)
         return "\n" + buffer.getvalue() + "\n"
 
     return tabulate_fn
+
+
+def _columns(result: Summary, compute_flops: bool, compute_vjp_flops: bool) -> list[str]:
+    """flax's columns, and the random bits next to the FLOPs when the model draws any."""
+    shown = {
+        "flops": compute_flops,
+        "vjp_flops": compute_vjp_flops,
+        "rng_bits": compute_flops and bool(result.rng_bits),
+    }
+    return [column for column in CALL_COLUMNS if shown.get(column, True)]
