@@ -878,3 +878,12 @@ def test_tabulate_shows_rng_bits_next_to_the_flops(tied):
     assert "rng_bits" in _columns(drawing, compute_flops=True, compute_vjp_flops=False)
     assert "rng_bits" not in _columns(drawing, compute_flops=False, compute_vjp_flops=False)
     assert "rng_bits" not in _columns(tied, compute_flops=True, compute_vjp_flops=True)
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_printing_a_summary_fits_the_console(gpt2_small: Summary, width: int) -> None:
+    """``rich.print(summary)`` fits the table to the console, as ``to_rich(width=)`` does."""
+    text = printed(gpt2_small, width)
+    assert all(len(line) <= width for line in text.splitlines())
+    assert "…" not in text
+    assert text == printed(gpt2_small.to_rich(width=width), width)

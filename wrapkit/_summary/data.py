@@ -282,16 +282,20 @@ class Summary:
 
         return markdown(self, depth=depth)
 
-    def to_rich(self, depth: int | None = None, **table_kwargs: Any) -> Any:
+    def to_rich(
+        self, depth: int | None = None, *, width: int | None = None, **table_kwargs: Any
+    ) -> Any:
         """A ``rich.table.Table`` like flax's ``tabulate``, with a totals footer.
 
         Args:
             depth: as in [`to_markdown`][wrapkit.Summary.to_markdown].
+            width: fit the table in this many columns without cutting a number (short
+                units, wrapped paths, fewer columns); ``None`` keeps its natural width.
             **table_kwargs: passed to ``rich.table.Table``.
         """
         from .render import rich_table
 
-        return rich_table(self, depth=depth, **table_kwargs)
+        return rich_table(self, depth=depth, width=width, **table_kwargs)
 
     def __str__(self) -> str:
         return self.to_markdown()
@@ -301,9 +305,9 @@ class Summary:
         calls = f"{len(self.rows)} call{'' if len(self.rows) == 1 else 's'}"
         return f"Summary({self.module_type}, {calls}, flops={self.flops:,}{vjp})"
 
-    def __rich__(self) -> Any:
-        """``rich.print(summary)`` prints the table."""
-        return self.to_rich()
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        """``rich.print(summary)`` prints the table, fitted to the console's width."""
+        yield self.to_rich(width=options.max_width)
 
     def _repr_markdown_(self) -> str:
         """Notebooks show the markdown table."""
