@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, cast, runtime_checkable
 
+from ._problems import raise_collected
+
 _PROTOCOL_ATTRIBUTES = ("inner", "delegated_methods")
 _MISSING = object()
 
@@ -172,13 +174,7 @@ def _inner_problems(cls: type | None, inner: object) -> list[str]:
 
 
 def _raise_problems(subject: str, problems: list[str]) -> None:
-    if len(problems) == 1:
-        raise TypeError(f"{subject}: {problems[0]}")
-    if problems:
-        raise TypeError(
-            f"{subject} has {len(problems)} problems:\n"
-            + "\n".join(f"  - {problem}" for problem in problems)
-        )
+    raise_collected(subject, problems, TypeError, separator=": ")
 
 
 def register_wrapper(

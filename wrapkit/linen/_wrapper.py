@@ -33,6 +33,7 @@ from jax._src import source_info_util  # the name stack: no public API reads or 
 
 from .. import _filters
 from .._filters import VariableFilter
+from .._problems import raise_collected
 from .._protocol import check_delegates
 
 _REQUIRED = inspect.Parameter.empty
@@ -352,13 +353,7 @@ class Wrapper(nn.Module):
                     )
         problems += _filters.check(self.variable_filter)
         problems += self.argument_errors()
-        if len(problems) == 1:
-            raise ValueError(f"{_describe(self)} {problems[0]}")
-        if problems:
-            raise ValueError(
-                f"{_describe(self)} has {len(problems)} problems:\n"
-                + "\n".join(f"  - {problem}" for problem in problems)
-            )
+        raise_collected(_describe(self), problems, ValueError)
 
     @nn.nowrap
     def _read_options(self, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
