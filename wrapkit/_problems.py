@@ -1,8 +1,18 @@
-"""Argument problems, collected and raised once (shared by the protocol and the wrappers)."""
+"""Argument problems: checks of common options, collected and raised once.
+
+Shared by the protocol and by the Linen (and NNX) wrappers, so that the same bad value gets
+the same sentence everywhere.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
 
 
 def raise_collected(
@@ -28,3 +38,43 @@ def raise_collected(
             f"{subject} has {len(problems)} problems:\n"
             + "\n".join(f"  - {problem}" for problem in problems)
         )
+
+
+def epsilon_error(eps: Any) -> str | None:
+    """Why ``eps`` is not a valid epsilon (a finite non-negative real number), or ``None``."""
+    if isinstance(eps, numbers.Real) and not isinstance(eps, bool | np.bool_):
+        if math.isfinite(eps) and float(eps) >= 0:
+            return None
+        return f"epsilon must be a finite non-negative number, got {eps!r}. The default is 1e-12."
+    return (
+        f"epsilon must be a finite non-negative number, got {eps!r} "
+        f"({type(eps).__name__}). Pass a float, e.g. epsilon=1e-12."
+    )
+
+
+def dtype_error(name: str, value: Any, *, optional: bool) -> str | None:
+    """Why ``value`` is not a floating-point or complex dtype (or ``None`` if ``optional``)."""
+    if value is None and optional:
+        return None
+    try:
+        dtype = None if value is None else jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is not None and jnp.issubdtype(dtype, jnp.inexact):
+        return None
+    expected = "None or a" if optional else "a"
+    got = f"the dtype {dtype}" if dtype is not None else repr(value)
+    return (
+        f"{name} must be {expected} floating-point or complex dtype, got {got}. Pass e.g. "
+        f"{name}=jnp.float32 or {name}=jnp.bfloat16."
+    )
+
+
+def is_index(value: Any) -> bool:
+    """``value`` is a Python or numpy integer, and not a bool (bool is an int subclass)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def is_bool(value: Any) -> bool:
+    """``value`` is True or False (a Python or numpy bool)."""
+    return isinstance(value, bool | np.bool_)

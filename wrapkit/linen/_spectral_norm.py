@@ -11,6 +11,7 @@ from flax.typing import Dtype
 
 from .._filters import VariableFilter
 from .._numerics import power_iteration, spectral_normalize
+from .._problems import dtype_error, epsilon_error, is_bool, is_index
 from ._wrapper import Leaf, Wrapper, _describe
 
 
@@ -23,22 +24,39 @@ class SpectralNorm(Wrapper):
 
     A drop-in for ``flax.linen.SpectralNorm``: the same arguments, the same variables
     (``"<inner name>/<path>/u"`` of shape ``(1, out)`` and ``".../sigma"`` of shape ``()`` in
-    ``collection_name``), the same outputs and the same updated statistics. Every delegated
-    call takes the keyword ``update_stats``: True stores the new ``u`` and ``sigma`` (the
-    collection must then be mutable), False leaves them as they are.
+    ``collection_name``), and in float32 the same outputs and the same updated statistics,
+    to the last bit. Every delegated call takes the keyword ``update_stats``: True stores
+    the new ``u`` and ``sigma`` (the collection must then be mutable), False leaves them as
+    they are.
+
+    The power iteration, ``sigma`` and the division run in at least float32, whatever the
+    weight's dtype, and the results are cast once: a zero or tiny float16 or bfloat16 weight
+    gives finite outputs, gradients and statistics. A complex weight is divided by its
+    largest singular value (the iteration uses the conjugate transpose); its ``u`` is
+    complex and ``sigma`` real.
 
     Attributes:
         layer_instance: the module to wrap.
-        n_steps: power-iteration steps per call; 0 disables the normalisation.
-        epsilon: added to squared norms in the power iteration.
-        dtype: the dtype of the normalised weights (default: inferred).
-        param_dtype: the dtype of ``u`` and ``sigma``.
-        error_on_non_matrix: raise on variables of more than two dimensions instead of
-            flattening them.
-        collection_name: the collection holding ``u`` and ``sigma``.
+        n_steps: a non-negative int, power-iteration steps per call; 0 disables the
+            normalisation.
+        epsilon: a finite non-negative number, added to squared norms in the power
+            iteration.
+        dtype: the dtype of the normalised weights, floating-point or complex (default:
+            inferred).
+        param_dtype: the dtype of ``u`` and ``sigma``, floating-point or complex (``u`` of
+            a complex weight is complex, of at least this precision).
+        error_on_non_matrix: True or False: raise on variables of more than two dimensions
+            instead of flattening them.
+        collection_name: a non-empty string, the collection holding ``u`` and ``sigma``.
         variable_filter: which variables to consider (default: all); see
             [`Wrapper`][wrapkit.linen.Wrapper]. Not in flax's class.
         delegates: the inner module's methods to normalise for (default ``("__call__",)``).
+
+    Raises:
+        ValueError: when built, listing every option of the wrong type or value (each with
+            the module, what was expected and the fix); in a call, for ``update_stats=True``
+            without a mutable collection, or a variable of more than two dimensions with
+            ``error_on_non_matrix=True``.
 
     Examples:
         >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -60,9 +78,29 @@ class SpectralNorm(Wrapper):
     variable_filter: VariableFilter = dataclasses.field(default=None, kw_only=True)
 
     def argument_errors(self) -> list[str]:
-        if isinstance(self.n_steps, int) and self.n_steps >= 0:
-            return []
-        return [f"n_steps must be a non-negative int (0 disables it), got {self.n_steps!r}."]
+        problems = []
+        if not (is_index(self.n_steps) and self.n_steps >= 0):
+            problems.append(
+                f"n_steps must be a non-negative int (0 disables it), got {self.n_steps!r} "
+                f"({type(self.n_steps).__name__}). Pass e.g. n_steps=1."
+            )
+        if (error := epsilon_error(self.epsilon)) is not None:
+            problems.append(error)
+        if not is_bool(self.error_on_non_matrix):
+            problems.append(
+                f"error_on_non_matrix must be True or False, got {self.error_on_non_matrix!r}. "
+                "Pass True to refuse kernels of more than two dimensions, False to flatten them."
+            )
+        if not (isinstance(self.collection_name, str) and self.collection_name):
+            problems.append(
+                "collection_name must be a non-empty string naming the collection of u and "
+                f"sigma, got {self.collection_name!r}. The default is 'batch_stats'."
+            )
+        dtype_errors = (
+            dtype_error("dtype", self.dtype, optional=True),
+            dtype_error("param_dtype", self.param_dtype, optional=False),
+        )
+        return problems + [error for error in dtype_errors if error is not None]
 
     # Keyword-only parameters of transform are the wrapper's call options, by design.
     def transform(self, leaf: Leaf, *, update_stats: bool) -> jax.Array:  # type: ignore[override]
@@ -90,14 +128,20 @@ class SpectralNorm(Wrapper):
         col = self.collection_name
         u_name, sigma_name = f"{leaf.path}/u", f"{leaf.path}/sigma"
         key = None if self.has_variable(col, u_name) else self.make_rng("params")
-        u_var = self.variable(
-            col, u_name, jax.random.normal, key, (1, value.shape[-1]), self.param_dtype
-        )
+        # A complex kernel's singular vectors are complex: u is, whatever param_dtype says.
+        u_dtype = self.param_dtype
+        if jnp.iscomplexobj(value):
+            u_dtype = jnp.promote_types(u_dtype, jnp.complex64)
+        u_var = self.variable(col, u_name, jax.random.normal, key, (1, shape[-1]), u_dtype)
         sigma_var = self.variable(col, sigma_name, jnp.ones, (), self.param_dtype)
+        # As flax: the result's dtype, and the statistics', follow the stored variables.
+        dtype = canonicalize_dtype(leaf.value, u_var.value, dtype=self.dtype)
+        stats_dtype = jnp.result_type(u_var.value, value)
+        # Power iteration, sigma and the division run in at least float32 (see _numerics);
+        # in float32 these are flax's operations in flax's order.
         u, v = power_iteration(value, u_var.value, self.n_steps, self.epsilon)
-        normalised, sigma = spectral_normalize(value, u, v)
+        normalised, sigma = spectral_normalize(value, u, v, dtype=dtype)
         if update_stats:
-            u_var.value = u
-            sigma_var.value = sigma
-        dtype = canonicalize_dtype(leaf.value, u, v, sigma, dtype=self.dtype)
-        return jnp.asarray(normalised.reshape(shape), dtype)
+            u_var.value = u.astype(stats_dtype)
+            sigma_var.value = sigma.astype(jnp.finfo(stats_dtype).dtype)
+        return normalised.reshape(shape)

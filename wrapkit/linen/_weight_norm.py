@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any, SupportsIndex
 
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 from flax.linen.dtypes import canonicalize_dtype
 from flax.typing import Dtype, Initializer
 
-from .._numerics import canonical_axes, l2_normalize
+from .._numerics import canonical_axes, compute_dtype, l2_normalize
+from .._problems import dtype_error, epsilon_error, is_bool, is_index
 from .._warnings import warn
 from ._wrapper import Leaf, Wrapper, _describe
 
@@ -23,22 +25,36 @@ class WeightNorm(Wrapper):
     A drop-in for ``flax.linen.WeightNorm``: the same arguments in the same order, the same
     variables (the inner module keeps its raw weights ``v``; this module holds one
     ``"<inner name>/<path>/scale"`` parameter per selected variable, shaped like the feature
-    axes), and the same outputs on the same variables. It differs from flax where flax is
-    wrong; see the WeightNorm page of the docs.
+    axes), and in float32 the same outputs on the same variables, to the last bit. It
+    differs from flax where flax is wrong; see the WeightNorm page of the docs.
+
+    The norm is taken in at least float32, whatever the weight's dtype, and the normalised
+    weight is cast once, at the end: a zero or tiny float16 or bfloat16 weight gives finite
+    outputs and gradients, and the output does not depend on the weight's scale. A complex
+    weight is divided by its modulus norm ``sqrt(sum(|v|**2))``.
 
     Attributes:
         layer_instance: the module to wrap.
-        epsilon: added to the squared norm before the reciprocal square root.
-        dtype: the dtype of the normalised weights (default: inferred from the weight and
-            the scale).
-        param_dtype: the dtype of the scale parameters.
-        use_scale: whether to learn a scale ``g``; if False the weights are unit-norm.
-        scale_init: initialiser of the scales.
-        feature_axes: the axes that keep separate norms (and scales); the norm reduces over
-            the others. ``None`` takes one norm over all axes and a scalar scale.
+        epsilon: a finite non-negative number, added to the squared norm before the
+            reciprocal square root.
+        dtype: the dtype of the normalised weights, floating-point or complex (default:
+            inferred from the weight and the scale).
+        param_dtype: the dtype of the scale parameters, floating-point or complex.
+        use_scale: True or False: whether to learn a scale ``g``; if False the weights are
+            unit-norm.
+        scale_init: initialiser of the scales, called as ``scale_init(key, shape, dtype)``;
+            for a constant, ``nn.initializers.constant(value)``.
+        feature_axes: the axes (an int or a tuple of ints) that keep separate norms (and
+            scales); the norm reduces over the others. ``None`` takes one norm over all
+            axes and a scalar scale.
         variable_filter: which variables to normalise (default ``{"kernel"}``); see
             [`Wrapper`][wrapkit.linen.Wrapper]. ``None`` or empty selects all.
         delegates: the inner module's methods to normalise for (default ``("__call__",)``).
+
+    Raises:
+        ValueError: when built, listing every option of the wrong type or value (each with
+            the module, what was expected and the fix); in the first call, for
+            ``feature_axes`` out of range of a selected variable.
 
     Examples:
         >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -58,12 +74,42 @@ class WeightNorm(Wrapper):
     variable_filter: Iterable[Any] | None = dataclasses.field(default_factory=lambda: {"kernel"})
 
     def argument_errors(self) -> list[str]:
+        problems = []
         axes = self.feature_axes
-        if axes is None or isinstance(axes, SupportsIndex):
-            return []
-        if isinstance(axes, Sequence) and all(isinstance(axis, SupportsIndex) for axis in axes):
-            return []
-        return [f"feature_axes must be an int, a tuple of ints or None, got {axes!r}."]
+        if not (
+            axes is None
+            or is_index(axes)
+            or (isinstance(axes, Sequence) and all(is_index(axis) for axis in axes))
+        ):
+            problems.append(
+                f"feature_axes must be an int, a tuple of ints or None, got {axes!r} "
+                f"({type(axes).__name__}). Pass e.g. feature_axes=-1 (the last axis), "
+                "feature_axes=(0, -1), or None for one norm over all axes."
+            )
+        if (error := epsilon_error(self.epsilon)) is not None:
+            problems.append(error)
+        if not is_bool(self.use_scale):
+            problems.append(
+                f"use_scale must be True or False, got {self.use_scale!r}. Pass "
+                "use_scale=False for unit-norm weights without a learned scale."
+            )
+        if not callable(self.scale_init):
+            constant = (
+                self.scale_init
+                if isinstance(self.scale_init, numbers.Real)
+                and not isinstance(self.scale_init, bool)
+                else 1.0
+            )
+            problems.append(
+                "scale_init must be an initializer called as scale_init(key, shape, dtype) "
+                f"-> array, got {self.scale_init!r} ({type(self.scale_init).__name__}). For a "
+                f"constant scale, pass scale_init=nn.initializers.constant({constant!r})."
+            )
+        dtype_errors = (
+            dtype_error("dtype", self.dtype, optional=True),
+            dtype_error("param_dtype", self.param_dtype, optional=False),
+        )
+        return problems + [error for error in dtype_errors if error is not None]
 
     def transform(self, leaf: Leaf) -> jax.Array:
         value = jnp.asarray(leaf.value)
@@ -95,7 +141,11 @@ class WeightNorm(Wrapper):
         feature_shape = [1] * value.ndim
         for axis in feature_axes:
             feature_shape[axis] = value.shape[axis]
-        value_bar = l2_normalize(value, axis=reduction_axes, eps=self.epsilon)
+        # The norm runs in at least float32 and the result is cast once, at the end
+        # (see _numerics); in float32 these are flax's operations in flax's order.
+        value_bar = l2_normalize(
+            value, axis=reduction_axes, eps=self.epsilon, dtype=compute_dtype(value.dtype)
+        )
         inputs = [leaf.value]
         if self.use_scale:
             legacy_name = f"{leaf.path}/value/scale"
