@@ -349,3 +349,50 @@ def test_stacked_spectral_norms_both_update_their_statistics():
         "layer_instance/kernel/sigma": True,
         "layer_instance": {"layer_instance/kernel/u": True, "layer_instance/kernel/sigma": True},
     }
+
+
+def test_a_stack_over_a_sequential_transforms_every_layer_in_order():
+    """``Scaled(WeightNorm(nn.Sequential(...)))``: each kernel is normalised, then doubled."""
+
+    class Doubled(Wrapper):
+        variable_filter = "kernel"
+
+        def transform(self, leaf):
+            return 2.0 * leaf.value
+
+    class Top(nn.Module):
+        wrapped: bool
+
+        @nn.compact
+        def __call__(self, x):
+            layers = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+            return (Doubled(WeightNorm(layers)) if self.wrapped else layers)(x)
+
+    variables = randomise_scales(Top(True).init(jax.random.key(0), X))
+    # Doubled has no variables; the WeightNorm, built beside it, holds both layers' scales.
+    assert set(variables["params"]["WeightNorm_0"]) == {
+        "Dense_0/kernel/scale",
+        "Dense_1/kernel/scale",
+    }
+    by_hand_params = by_hand(variables["params"], "WeightNorm_0")
+    for layer in by_hand_params.values():
+        layer["kernel"] = 2.0 * layer["kernel"]
+    assert_close(Top(True).apply(variables, X), Top(False).apply({"params": by_hand_params}, X))
+
+
+def test_summary_of_a_wrapped_sequential_puts_both_normalisations_on_the_wrapper_row():
+    import wrapkit
+
+    wrapped, _ = model_pair(CASES["sequential"])
+    table = wrapkit.summary(wrapped, jax.ShapeDtypeStruct(X.shape, X.dtype), vjp=True)
+    (row,) = table.find("WeightNorm_0")
+    dense = [r for r in table if r.module_type == "Dense"]
+    assert [r.name for r in dense] == ["Dense_0", "Dense_1"]
+    parents = [table.rows[r.parent].module_type for r in dense if r.parent is not None]
+    assert parents == ["Sequential", "Sequential"]
+    # Each kernel's norm is counted on the wrapper's row: for a (k, n) kernel, n*k squares,
+    # n*(k-1) additions, n epsilon additions, n*k multiplications by the reciprocal norm
+    # and n*k by the scale (rsqrt is a transcendental).
+    expected = sum(3 * k * n + n * (k - 1) + n for k, n in [(3, 4), (4, 2)])
+    assert row.own_flops == expected
+    assert sum(r.own_flops for r in table) == table.flops
