@@ -855,6 +855,35 @@ def test_a_lifted_call_is_one_row(make):
     assert table.rows[1].own_flops == 2 * 8 * 16 * 4 + 8 * 4
 
 
+
+class JitMethodBlock(nn.Module):
+    @nn.jit
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4)(nn.Dense(4)(x))
+
+
+class JitMethodTop(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return JitMethodBlock()(x)
+
+
+@pytest.mark.parametrize("vjp", [False, True])
+def test_a_repeated_summary_of_an_nn_jit_method_has_the_same_rows(vjp):
+    """nn.jit keeps the body it traced; a second summary used to get it from the cache, with
+    no calls recorded inside (only the root row) and the markers of the first summary."""
+    first, second = (wrapkit.summary(JitMethodTop(), X, vjp=vjp) for _ in range(2))
+    rows = [(row.name, row.own_flops, row.own_vjp_flops) for row in first]
+    assert [name for name, _, _ in rows] == [
+        "",
+        "JitMethodBlock_0",
+        "JitMethodBlock_0/Dense_1",
+        "JitMethodBlock_0/Dense_0",
+    ]
+    assert [(row.name, row.own_flops, row.own_vjp_flops) for row in second] == rows
+
+
 class TrainDropout(nn.Module):
     @nn.compact
     def __call__(self, x):
