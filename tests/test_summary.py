@@ -855,7 +855,6 @@ def test_a_lifted_call_is_one_row(make):
     assert table.rows[1].own_flops == 2 * 8 * 16 * 4 + 8 * 4
 
 
-
 class JitMethodBlock(nn.Module):
     @nn.jit
     @nn.compact
@@ -913,3 +912,25 @@ def test_dropout_bits_are_rng_bits_not_flops():
     assert dropout.own_rng_bits == 32 * n + 64 and table.rows[1].rng_bits == 0
     assert table.by_primitive()["random_bits"] == wrapkit.flops.Cost(rng_bits=32 * n)
     assert "threefry2x32" not in table.primitives
+
+
+def test_own_init_skips_flaxs_repeated_initialiser_trace_and_leaves_flax_unchanged():
+    """flax's Scope.param re-traces each existing parameter's initialiser to check its shape;
+    with variables wrapkit made itself from the same call, the shapes are known to match."""
+    from flax.core.scope import Scope
+
+    calls = []
+
+    def counting_init(key, shape, dtype=jnp.float32):
+        calls.append(shape)
+        return jnp.zeros(shape, dtype)
+
+    param = Scope.param
+    wrapkit.summary(nn.Dense(4, kernel_init=counting_init), X, vjp=True)
+    assert calls == [(16, 4)]  # once, by the abstract init; flax's check would add one
+    assert Scope.param is param  # the class is never changed
+
+    # Variables given by the user keep flax's check, and its error.
+    wrong = {"params": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros((4,))}}
+    with pytest.raises(ValueError, match=r"ScopeParamShapeError"):
+        wrapkit.summary(nn.Dense(4), X, variables=wrong)

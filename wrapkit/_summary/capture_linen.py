@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
+from flax.core.scope import Scope
 from jax.extend import core as jex_core
 from jax.interpreters import partial_eval as pe
 
@@ -79,9 +81,13 @@ def _is_method(cls: type, name: str) -> bool:
 class _Recorder:
     """An ``nn.intercept_methods`` interceptor that builds the call tree."""
 
-    def __init__(self, mark: bool, helpers: bool = False) -> None:
+    def __init__(self, mark: bool, helpers: bool = False, initialised: bool = False) -> None:
         self.mark = mark
         self.helpers = helpers
+        # The model's variables come from wrapkit's own abstract init of the same call: the
+        # scopes of the model's own variable tree may skip flax's re-check of their shapes.
+        self.initialised = initialised
+        self.model_root: int | None = None
         self.roots: list[_Call] = []
         self.stack: list[_Call] = []
         self.failed: _Call | None = None
@@ -91,11 +97,16 @@ class _Recorder:
         self.scopes: dict[int, tuple[Any, int, tuple[str, ...]]] = {}
         # The variables of each ``Module.apply`` made inside the model; 0 is the model's.
         self.trees: list[Any] = [None]
+        self.ids: set[int] = set()
 
     def __call__(self, next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
         module = context.module
         self.probing = f"{type(module).__name__}.{context.method_name}"
         call = self._record(module, context.method_name, args, kwargs)
+        if self.model_root is None:
+            self.model_root = call.root_scope_id
+        if self.initialised and call.root_scope_id == self.model_root:
+            _reuse_initialised_shapes(module.scope)
         self.probing = None
         self.stack.append(call)
         try:
@@ -164,6 +175,7 @@ class _Recorder:
             root_scope_id=root_id,
         )
         (parent.children if parent is not None else self.roots).append(call)
+        self.ids.add(call.id)
         return call
 
     def _locate(
@@ -307,7 +319,8 @@ def _summary(
     rngs = _prepare_rngs(rngs)
     dynamic, rebuild = _split_static((args, kwargs))
 
-    if variables is None:
+    initialised = variables is None
+    if initialised:
 
         def init(rngs: Any, dynamic: Any, recorder: _Recorder | None = None) -> Any:
             call_args, call_kwargs = rebuild(dynamic)
@@ -336,8 +349,16 @@ def _summary(
         # With ``mutable``, apply returns (output, updated variables).
         return result if mutable is not False else (result, {})
 
-    recorder = _Recorder(mark=True, helpers=helpers)
+    recorder = _Recorder(mark=True, helpers=helpers, initialised=initialised)
     traced, outputs = _trace(apply, inputs, vjp, module, recorder)
+    if _markers_in(traced.jaxpr) - recorder.ids:
+        # A cached trace was reused: nn.jit keeps the body an earlier summary traced, so the
+        # calls inside it ran no Python and were not recorded (their markers are that
+        # summary's). Clearing jax's caches costs recompilation later, and is only needed
+        # when a summary of such a model is repeated.
+        jax.clear_caches()
+        recorder = _Recorder(mark=True, helpers=helpers, initialised=initialised)
+        traced, outputs = _trace(apply, inputs, vjp, module, recorder)
     # Values computed and then dropped (the first trace of an nn.scan body, say) are not
     # part of the program: XLA never runs them, and their calls get no rows.
     forward = _dce(traced, [index < outputs for index in range(len(traced.out_avals))])
@@ -368,13 +389,45 @@ def _summary(
 
 
 def _prepare_rngs(rngs: Any) -> dict[str, Any]:
+    if rngs is not None and not isinstance(rngs, Mapping):
+        return {"params": rngs}
+    if isinstance(rngs, Mapping) and "params" in rngs:
+        return dict(rngs)
     # flax's init needs a ``params`` stream; the values never matter to an abstract trace.
     params = jax.eval_shape(lambda: jax.random.key(0))
-    if rngs is None:
-        return {"params": params}
-    if isinstance(rngs, Mapping):
-        return {"params": params, **rngs}
-    return {"params": rngs}
+    return {"params": params, **(rngs or {})}
+
+
+def _reuse_initialised_shapes(scope: Scope | None) -> None:
+    """Lets ``scope`` return its existing parameters without tracing their initialisers again.
+
+    flax's ``Scope.param`` checks each parameter that exists against ``jax.eval_shape`` of
+    its initialiser, one trace per parameter: about a tenth of a GPT-2 summary's time. Called
+    only for the scopes of the model's own variable tree when wrapkit made those variables
+    itself, with ``jax.eval_shape(module.init, ...)`` on the same module, method and inputs:
+    there every shape already is what its initialiser returned. Variables passed in by the
+    user, those of a ``Module.apply`` inside the model, and the scopes of lifted transforms
+    (which map variables on their way in) keep flax's check. Only this scope object, which
+    flax makes for this one ``apply`` and discards after it, is changed, never flax's class;
+    a parameter that does not exist yet goes to flax's own method.
+    """
+    if type(scope) is not Scope or "param" in vars(scope):
+        return
+
+    def param(
+        name: str,
+        init_fn: Callable[..., Any],
+        *init_args: Any,
+        unbox: bool = True,
+        **init_kwargs: Any,
+    ) -> Any:
+        if not scope.has_variable("params", name):
+            return Scope.param(scope, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+        scope.reserve(name, "params")  # as flax does: a name is declared once
+        value = scope.get_variable("params", name)
+        return meta.unbox(value) if unbox else value
+
+    scope.param = param  # type: ignore[method-assign]
 
 
 def _is_array(value: Any) -> bool:
