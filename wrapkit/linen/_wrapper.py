@@ -466,7 +466,16 @@ def _call_with_view(
         init=False,
         mutable=False,
     )
-    return lifted(inner, *args, **kwargs)
+    result = lifted(inner, *args, **kwargs)
+    if view.mapped != len(view.names):
+        # The names are matched to the trees by position; a different count would misname
+        # them, so fail loudly instead (a flax version that maps scopes differently).
+        raise RuntimeError(
+            f"wrapkit bug: nn.map_variables mapped {view.mapped} variable trees for "
+            f"{type(inner).__name__}.{method}, where wrapkit expected {len(view.names)} "
+            f"({', '.join(view.names)}). Please report it with your flax version."
+        )
+    return result
 
 
 def _mapped_scope_names(
