@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 import wrapkit
 from wrapkit.linen import WeightNorm
@@ -377,3 +377,41 @@ def test_weight_norm_pooler_row_holds_the_normalisation():
     assert wrapper.own_flops == wrapkit.flops.count(normalise, kernel, scale).flops
     plain = build("hf-bert").table
     assert table.flops == plain.flops + wrapper.own_flops
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_weight_norm_around_a_whole_transformers_encoder_normalises_every_kernel(remat):
+    """One wrapper around transformers' BERT encoder reaches all twelve kernels of its two
+    layers (held in a list, built in ``setup``, under ``nn.remat`` with checkpointing)."""
+    config = bert_config()
+
+    class Top(nn.Module):
+        wrapped: bool
+
+        @nn.compact
+        def __call__(self, hidden, mask):
+            encoder = FlaxBertEncoder(config, gradient_checkpointing=remat)
+            module = WeightNorm(encoder) if self.wrapped else encoder
+            return module(hidden, mask, None, deterministic=True).last_hidden_state
+
+    hidden = jax.random.normal(jax.random.key(1), (2, 8, config.hidden_size))
+    mask = jnp.ones((2, 8)).at[1, 5:].set(0)
+    params = dict(Top(True).init(KEY, hidden, mask)["params"])
+    scales = params.pop("WeightNorm_0")
+    kernels = {"/".join(path[:-1]) for path in flatten_dict(params) if path[-1] == "kernel"}
+    assert {name.removesuffix("/kernel/scale") for name in scales} == kernels
+    assert len(kernels) == 6 * config.num_hidden_layers
+    keys = jax.random.split(jax.random.key(2), len(scales))
+    scales = {
+        name: jax.random.uniform(k, scale.shape, minval=0.5, maxval=2.0)
+        for k, (name, scale) in zip(keys, sorted(scales.items()), strict=True)
+    }
+
+    normalised = flatten_dict(params)
+    for name, scale in scales.items():
+        path = tuple(name.removesuffix("/scale").split("/"))
+        v = normalised[path]
+        normalised[path] = v * scale / jnp.linalg.norm(v, axis=0, keepdims=True)
+    want = Top(False).apply({"params": unflatten_dict(normalised)}, hidden, mask)
+    got = Top(True).apply({"params": {**params, "WeightNorm_0": scales}}, hidden, mask)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
