@@ -4,6 +4,7 @@ Each test builds a wrapped model and checks its output against a hand-written fo
 same model without the wrapper, run on variables normalised by hand in numpy.
 """
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -396,3 +397,24 @@ def test_summary_of_a_wrapped_sequential_puts_both_normalisations_on_the_wrapper
     expected = sum(3 * k * n + n * (k - 1) + n for k, n in [(3, 4), (4, 2)])
     assert row.own_flops == expected
     assert sum(r.own_flops for r in table) == table.flops
+
+
+def test_statistics_of_a_batch_norm_held_as_a_field_still_update():
+    """Only params are mapped: a BatchNorm inside an nn.Sequential keeps training its stats."""
+    build = lambda wrap: wrap(  # noqa: E731
+        nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=False), nn.Dense(2)])
+    )
+    wrapped, plain = model_pair(build)
+    variables = randomise_scales(wrapped.init(jax.random.key(0), X))
+    out, updated = wrapped.apply(variables, X, mutable=["batch_stats"])
+    params = by_hand(variables["params"], "WeightNorm_0")
+    plain_variables = {"params": params, "batch_stats": variables["batch_stats"]}
+    expected, expected_updated = plain.apply(plain_variables, X, mutable=["batch_stats"])
+    # A batch of two normalised by its own variance amplifies the float32 rounding of the
+    # normalised kernel (computed by hand in float64), hence the looser tolerance.
+    chex.assert_trees_all_close(out, expected, rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(updated, expected_updated, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(
+        updated["batch_stats"]["BatchNorm_0"]["mean"],
+        variables["batch_stats"]["BatchNorm_0"]["mean"],
+    )
