@@ -34,7 +34,7 @@ from jax._src import source_info_util  # the name stack: no public API reads or 
 from .. import _filters
 from .._filters import VariableFilter
 from .._problems import raise_collected
-from .._protocol import check_delegates
+from .._protocol import check_delegates, unwrap
 
 _REQUIRED = inspect.Parameter.empty
 
@@ -371,7 +371,7 @@ class Wrapper(nn.Module):
                 raise TypeError(
                     f"{_describe(self)}.{method}() needs the keyword argument {name!r}: "
                     f"{type(self).__name__} takes it on every delegated call (it is not "
-                    f"passed to {type(unwrap_linen(self)).__name__})."
+                    f"passed to {type(unwrap(self)).__name__})."
                 )
             else:
                 options[name] = default
@@ -403,14 +403,6 @@ class Wrapper(nn.Module):
             return _call_with_view(inner, method, stack, args, kwargs, self.is_initializing())
         finally:
             _HANDOFF.reset(token)
-
-
-def unwrap_linen(wrapper: Wrapper) -> nn.Module:
-    """The innermost module under a stack of wrapkit wrappers."""
-    module: nn.Module = wrapper
-    while isinstance(module, Wrapper):
-        module = module.__dict__["layer_instance"]
-    return module
 
 
 def _hand_down(
