@@ -15,6 +15,7 @@ Run:  python examples/gpt2.py
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -43,6 +44,8 @@ class GPT2Config:
             [`WeightNorm`][wrapkit.linen.WeightNorm].
         scan_layers: run the blocks with ``nn.scan`` (parameters stacked on a leading layer
             axis) instead of a Python loop of ``h_0``, ``h_1``, ... modules.
+        dense: builds the Dense layers of the blocks instead, as ``dense(features, name)``
+            (for benchmarks and tests that swap in another layer); ``None`` for ``nn.Dense``.
     """
 
     vocab_size: int = 50257
@@ -53,6 +56,7 @@ class GPT2Config:
     dropout: float = 0.0
     weight_norm: bool = False
     scan_layers: bool = False
+    dense: Callable[[int, str], nn.Module] | None = None
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
@@ -64,6 +68,8 @@ class GPT2Config:
 
 def _dense(config: GPT2Config, features: int, name: str) -> nn.Module:
     """A Dense layer of a block, weight-normalised when the config asks for it."""
+    if config.dense is not None:
+        return config.dense(features, name)
     if config.weight_norm:
         # parent=None: the wrapper adopts the Dense, so its weights sit under the wrapper's name.
         return WeightNorm(nn.Dense(features, kernel_init=_weights, parent=None), name=name)

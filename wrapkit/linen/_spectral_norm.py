@@ -10,9 +10,9 @@ from flax.linen.dtypes import canonicalize_dtype
 from flax.typing import Dtype
 
 from .._filters import VariableFilter
-from .._numerics import power_iteration, spectral_normalize
+from .._numerics import compute_dtype, power_iteration, spectral_normalize
 from .._problems import dtype_error, epsilon_error, is_bool, is_index
-from ._wrapper import Leaf, Wrapper, _describe
+from ._wrapper import Inverse, Leaf, Wrapper, _describe
 
 
 class SpectralNorm(Wrapper):
@@ -145,3 +145,26 @@ class SpectralNorm(Wrapper):
             u_var.value = u.astype(stats_dtype)
             sigma_var.value = sigma.astype(jnp.finfo(stats_dtype).dtype)
         return normalised.reshape(shape)
+
+    def invert(self, leaf: Leaf) -> Inverse:
+        # W / sigma(W) has largest singular value 1, so only such a W is reproduced (see
+        # the caveat); W is kept as it is, with the u and sigma that power iteration
+        # converges to. The SVD gives that fixed point exactly, also where power iteration
+        # converges slowly (close top singular values): from it, the forward's n_steps
+        # find sigma at once.
+        value = jnp.asarray(leaf.value)
+        if value.ndim <= 1 or self.n_steps < 1:
+            return Inverse(value)
+        matrix = value.reshape(-1, value.shape[-1]).astype(compute_dtype(value.dtype))
+        _, singular_values, vh = jnp.linalg.svd(matrix, full_matrices=False)
+        # Row-vector form of power_iteration: u is the conjugate of the top right
+        # singular vector, sigma the top singular value.
+        u, sigma = jnp.conj(vh[:1]), singular_values[0]
+        stats = {f"{leaf.path}/u": u, f"{leaf.path}/sigma": sigma}
+        return Inverse(
+            value,
+            {self.collection_name: stats},
+            caveat=f"{_describe(self)} divides the weight by its largest singular value "
+            "(the norm ratio is 1 / sigma), so it reproduces only weights whose largest "
+            "singular value is 1.",
+        )

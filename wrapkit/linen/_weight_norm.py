@@ -13,10 +13,10 @@ import jax.numpy as jnp
 from flax.linen.dtypes import canonicalize_dtype
 from flax.typing import Dtype, Initializer
 
-from .._numerics import canonical_axes, compute_dtype, l2_normalize
+from .._numerics import canonical_axes, compute_dtype, l2_normalize, norm_floor
 from .._problems import dtype_error, epsilon_error, is_bool, is_index
 from .._warnings import warn
-from ._wrapper import Leaf, Wrapper, _describe
+from ._wrapper import Inverse, Leaf, Wrapper, _describe
 
 
 class WeightNorm(Wrapper):
@@ -111,21 +111,27 @@ class WeightNorm(Wrapper):
         )
         return problems + [error for error in dtype_errors if error is not None]
 
-    def transform(self, leaf: Leaf) -> jax.Array:
-        value = jnp.asarray(leaf.value)
+    @nn.nowrap
+    def _axes(self, leaf: Leaf) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The feature axes of ``leaf`` (one norm and scale each) and the axes reduced."""
+        ndim = jnp.ndim(leaf.value)
         if self.feature_axes is None:
             feature_axes: tuple[int, ...] = ()
         else:
-            found = canonical_axes(value.ndim, self.feature_axes)
+            found = canonical_axes(ndim, self.feature_axes)
             if found is None:
                 raise ValueError(
                     f"{_describe(self)}: feature_axes="
                     f"{self.feature_axes!r} is out of range for {leaf.path!r} of shape "
-                    f"{value.shape}. Use axes in [{-value.ndim}, {value.ndim - 1}], or "
+                    f"{jnp.shape(leaf.value)}. Use axes in [{-ndim}, {ndim - 1}], or "
                     "feature_axes=None for one norm over all axes."
                 )
             feature_axes = found
-        reduction_axes = tuple(axis for axis in range(value.ndim) if axis not in feature_axes)
+        return feature_axes, tuple(axis for axis in range(ndim) if axis not in feature_axes)
+
+    def transform(self, leaf: Leaf) -> jax.Array:
+        value = jnp.asarray(leaf.value)
+        feature_axes, reduction_axes = self._axes(leaf)
         scale_name = f"{leaf.path}/scale"
         if not reduction_axes:
             # Normalising each element by its own magnitude leaves sign(x): flax (and torch's
@@ -162,3 +168,24 @@ class WeightNorm(Wrapper):
             value_bar *= scale
             inputs.append(scale)
         return jnp.asarray(value_bar, canonicalize_dtype(*inputs, dtype=self.dtype))
+
+    def invert(self, leaf: Leaf) -> Inverse:
+        # Salimans & Kingma's reparametrisation of a given weight w: v = w and g = ||w||,
+        # the norm exactly as transform divides by it (epsilon, float16 floor), so that
+        # g * v / ||v|| gives w back to rounding.
+        value = jnp.asarray(leaf.value)
+        _, reduction_axes = self._axes(leaf)
+        if not self.use_scale:
+            return Inverse(
+                value,
+                caveat=f"{_describe(self)} has use_scale=False: it reproduces only weights "
+                f"of unit norm over the axes {reduction_axes}; build it with use_scale=True "
+                "to keep the pretrained norms as scales.",
+            )
+        wide = value.astype(compute_dtype(value.dtype))
+        squared_norm = jnp.real(wide * jnp.conj(wide)).sum(axis=reduction_axes)
+        floor = norm_floor(value.dtype)
+        if floor is not None:
+            squared_norm = jnp.maximum(squared_norm, floor)
+        scale = jnp.sqrt(squared_norm + self.epsilon)
+        return Inverse(value, {"params": {f"{leaf.path}/scale": scale}})

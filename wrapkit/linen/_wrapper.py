@@ -21,20 +21,23 @@ import dataclasses
 import functools
 import inspect
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import flax.linen as nn
 import jax
+from flax.core import lift, unfreeze
 from flax.core.meta import AxisMetadata
+from flax.core.scope import subtract_filters
 from flax.linen.module import wrap_method_once
-from flax.linen.transforms import get_module_scopes
-from jax._src import source_info_util  # the name stack: no public API reads or sets it
+from flax.linen.transforms import get_module_scopes, lift_transform
 
 from .. import _filters
 from .._filters import VariableFilter
+from .._name_stack import current_name_stack, set_name_stack
 from .._problems import raise_collected
 from .._protocol import check_delegates, unwrap
+from .._unmerged import DeltaSource, LowRank, call_unmerged
 
 _REQUIRED = inspect.Parameter.empty
 
@@ -72,6 +75,41 @@ class Leaf:
         return value
 
 
+@dataclasses.dataclass(frozen=True)
+class Inverse:
+    """What a wrapper's [`invert`][wrapkit.linen.Wrapper.invert] returns for one variable.
+
+    Attributes:
+        value: the raw value to store where the wrapped module keeps the variable, such
+            that ``transform`` of it (with ``variables``) is the value ``invert`` was given.
+        variables: the wrapper's own variables for this variable, by collection, named as
+            ``transform`` names them: ``{"params": {"Dense_0/kernel/scale": g}}``. Own
+            variables left out keep their initial values.
+        caveat: when the inverse can be inexact, one sentence saying why (``"SpectralNorm
+            reproduces only weights whose largest singular value is 1."``), shown when
+            [`wrap_pretrained`][wrapkit.linen.wrap_pretrained] finds the result off. Keep
+            it free of array values: ``invert`` may run under ``jax.jit``.
+    """
+
+    value: Any
+    variables: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    caveat: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seen:
+    """A transformed variable as the inner module of a delegated call sees it.
+
+    Given to the recorder that the lifecycle functions (``_lifecycle.py``) set in
+    ``_RECORD``; nothing is recorded otherwise.
+    """
+
+    path: tuple[str, ...]  # where the variable is in the model's variables, from the root
+    collection: str
+    chain: tuple[tuple[Wrapper, Leaf], ...]  # each transform, innermost first, with its input
+    value: Any  # what the inner module receives, unboxed
+
+
 @dataclasses.dataclass
 class _Handoff:
     """Transforms an outer wrapper hands down to the wrapper it wraps, for one call."""
@@ -101,7 +139,12 @@ _HANDOFF: contextvars.ContextVar[_Handoff | None] = contextvars.ContextVar(
     "wrapkit_handoff", default=None
 )
 
-_HOOKS = ("transform", "argument_errors")
+# Set by the lifecycle functions (_lifecycle.py) around a call whose transforms they record.
+_RECORD: contextvars.ContextVar[Callable[[_Seen], None] | None] = contextvars.ContextVar(
+    "wrapkit_record", default=None
+)
+
+_HOOKS = ("transform", "argument_errors", "low_rank", "delta_feature_axes", "invert")
 
 # Where flax creates the classes that nn.remat(Cls), nn.jit(Cls), ... return.
 _LIFTED_CLASSES_MODULE = "flax.linen.transforms"
@@ -197,10 +240,14 @@ class Wrapper(nn.Module):
         default_delegates: ClassVar[tuple[str, ...]] = ("__call__",)
         variable_filter: VariableFilter = None
         collections: ClassVar[tuple[str, ...]] = ("params",)
+        materialize: bool = False
+        freeze_base: bool = False
     else:
         default_delegates = ("__call__",)
         variable_filter = None
         collections = ("params",)
+        materialize = False
+        freeze_base = False
     _call_options: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -250,6 +297,57 @@ class Wrapper(nn.Module):
         these together with its own checks.
         """
         return []
+
+    @nn.nowrap
+    def invert(self, leaf: Leaf) -> Inverse:
+        """The raw value and own variables for which ``transform`` returns ``leaf.value``.
+
+        Used by [`wrap_pretrained`][wrapkit.linen.wrap_pretrained] to wrap a trained model
+        without changing its outputs (torch calls this ``right_inverse``). ``leaf`` is the
+        variable as ``transform`` receives it, except that ``leaf.value`` is the value
+        ``transform`` should *return*. It runs outside any flax call: compute the
+        wrapper's own variables and return them (``self.param`` is not available). Where
+        no raw value reproduces ``leaf.value``, return the nearest one with a ``caveat``:
+        ``wrap_pretrained`` checks the result and raises unless told to accept it. Without
+        this hook a wrapper cannot wrap pretrained weights.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be inverted: it defines no invert(self, leaf) "
+            "returning the raw value (and its own variables) for which transform gives "
+            "leaf.value."
+        )
+
+    @nn.nowrap
+    def low_rank(
+        self, leaf: Leaf, input_axes: tuple[int, ...], output_axes: tuple[int, ...]
+    ) -> LowRank:
+        """The low-rank delta ``s * A @ B`` this wrapper adds to one selected variable.
+
+        A wrapper that defines this hook instead of ``transform`` changes a weight ``W``
+        into ``W + s * A @ B``, and its delegated calls run in *unmerged* form: every linear
+        use of ``W`` in the inner call (``x @ W``, a convolution, a row lookup) becomes
+        ``f(x; W) + s * f(x; A @ B)`` with ``f(x; A @ B)`` computed through the factors, so
+        neither ``A @ B`` nor a full-size gradient of it is ever computed (see
+        [`LoRA`][wrapkit.linen.LoRA]). A use without an unmerged form raises, unless the
+        wrapper's ``materialize`` is true.
+
+        Args:
+            leaf: the variable, as for ``transform``.
+            input_axes: the variable's axes that its first use contracts with the input
+                (or indexes, for a lookup), sorted.
+            output_axes: its other axes, sorted.
+
+        Returns:
+            The factors: ``a`` of shape ``(*input axes, rank)``, ``b`` of shape
+            ``(rank, *output axes)``. The hook may create them with ``self.param``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define low_rank.")
+
+    @nn.nowrap
+    def delta_feature_axes(self, leaf: Leaf) -> tuple[int, ...] | None:
+        """The output axes of ``leaf`` for ``low_rank``, or ``None`` to infer them from its
+        first use (the axes that use does not contract)."""
+        return None
 
     # -- delegation -----------------------------------------------------------------------
 
@@ -384,7 +482,7 @@ class Wrapper(nn.Module):
             self,
             self._read_options(method, kwargs) if delegated else {},
             _filters.compile_filter(self.variable_filter),
-            source_info_util.current_name_stack(),
+            current_name_stack(),
             delegated,
         )
         handoff = _HANDOFF.get()
@@ -451,14 +549,23 @@ def _call_with_view(
         getattr(inner, method)(*args, **kwargs)
     collections = tuple(dict.fromkeys(c for applied in stack for c in applied.wrapper.collections))
     view = _View(inner, method, stack, _mapped_scope_names(inner, args, kwargs))
-    lifted = nn.map_variables(
-        getattr(type(inner), method),
-        collections,
-        trans_in_fn=view,
-        init=False,
-        mutable=False,
-    )
+    if any(applied.delegated and _adds_low_rank(applied.wrapper) for applied in stack):
+        lifted = lift_transform(
+            _map_variables_unmerged, getattr(type(inner), method), collections, view
+        )
+    else:
+        lifted = nn.map_variables(
+            getattr(type(inner), method),
+            collections,
+            trans_in_fn=view,
+            init=False,
+            mutable=False,
+        )
     result = lifted(inner, *args, **kwargs)
+    if (record := _RECORD.get()) is not None:
+        for seen, source in view.merged:
+            unused = source.low_rank is None  # no use made the factors
+            record(seen if unused else dataclasses.replace(seen, value=source.merged(seen.value)))
     if view.mapped != len(view.names):
         # The names are matched to the trees by position; a different count would misname
         # them, so fail loudly instead (a flax version that maps scopes differently).
@@ -468,6 +575,59 @@ def _call_with_view(
             f"({', '.join(view.names)}). Please report it with your flax version."
         )
     return result
+
+
+def _adds_low_rank(wrapper: Wrapper) -> bool:
+    return type(wrapper).low_rank is not Wrapper.low_rank
+
+
+def _delta_source(applied: _Applied, leaf: Leaf) -> DeltaSource:
+    wrapper = applied.wrapper
+    feature_axes = wrapper.delta_feature_axes(leaf)
+    return DeltaSource(
+        describe=f"{_describe(wrapper)}: {leaf.collection}/{leaf.path}",
+        make=lambda input_axes, output_axes: wrapper.low_rank(
+            leaf, input_axes, output_axes, **applied.options
+        ),
+        name_stack=applied.name_stack,
+        materialize=wrapper.materialize,
+        feature_axes=feature_axes,
+        freeze=wrapper.freeze_base,
+    )
+
+
+def _map_variables_unmerged(
+    fn: Callable[..., Any], mapped_collections: Sequence[str], view: _View
+) -> Callable[..., Any]:
+    """``nn.map_variables(fn, mapped_collections, trans_in_fn=view)``, with low-rank deltas.
+
+    The same lifted transform as flax's read-only ``map_variables``, except that the inner
+    call is traced once and evaluated by ``call_unmerged``, which applies the deltas of
+    the variables in ``view.sources`` in unmerged form.
+    """
+
+    def inner(
+        scope_fn: Any, repack: Any, variable_groups: Any, rng_groups: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        target, variables = variable_groups
+        target = tuple(view(unfreeze(group)) for group in target)
+        writable = subtract_filters(True, mapped_collections)
+
+        def body(target: Any, variables: Any, rng_groups: Any, args: Any, kwargs: Any) -> Any:
+            scopes = scope_fn((target, variables), rng_groups, mutable_filter=writable)
+            result = fn(scopes, *args, **kwargs)
+            return result, repack(scopes)
+
+        return call_unmerged(body, [target, variables, rng_groups, args, kwargs], view.sources)
+
+    return lift.pack(
+        inner,
+        (mapped_collections, True),
+        (False, subtract_filters(True, mapped_collections)),
+        (True,),
+        enable_kwargs=True,
+        name="map_variables",
+    )
 
 
 def _mapped_scope_names(
@@ -508,6 +668,13 @@ def _mapped_scope_names(
         else:
             names.append("/" + "/".join(path))
     return tuple(names)
+
+
+def _variable_scope(inner: nn.Module, scope_name: str) -> tuple[str, ...]:
+    """The path from the root of the scope that ``_mapped_scope_names`` named ``scope_name``."""
+    if scope_name.startswith("/"):
+        return tuple(part for part in scope_name[1:].split("/") if part)
+    return (*inner.path[:-1], *scope_name.split("/"))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -551,6 +718,11 @@ class _View:
         self.inner, self.method, self.stack, self.names = inner, method, stack, names
         self.mapped = 0
         self.selected = [0] * len(stack)
+        # Variables that take a low-rank delta in unmerged form, by the id of the value
+        # the view hands to the inner call (see _map_variables_unmerged).
+        self.sources: dict[int, DeltaSource] = {}
+        self.weights: list[Any] = []  # keeps the ids above unique while the call runs
+        self.merged: list[tuple[_Seen, DeltaSource]] = []  # for _RECORD, after the call
         self.seen: list[tuple[str, str, Any]] = []  # (collection, path, value): errors only
 
     def __call__(self, variables: dict[str, Any]) -> dict[str, Any]:
@@ -576,6 +748,8 @@ class _View:
         metadata = boxed if isinstance(boxed, AxisMetadata) else None
         value = boxed.unbox() if metadata is not None else boxed
         self.seen.append((collection, path, value))
+        factored: _Applied | None = None
+        chain: list[tuple[Wrapper, Leaf]] = []
         for index, applied in enumerate(self.stack):
             if collection not in applied.wrapper.collections:
                 continue
@@ -591,8 +765,35 @@ class _View:
                     f"{(*applied.wrapper.delegated_methods, self.method)!r}."
                 )
             leaf = Leaf(path, collection, value, metadata)
-            with source_info_util.set_name_stack(applied.name_stack):
+            chain.append((applied.wrapper, leaf))
+            if factored is not None:
+                raise ValueError(
+                    f"{_describe(applied.wrapper)} transforms {collection}/{path} after "
+                    f"{_describe(factored.wrapper)} has added its low-rank delta to it: "
+                    f"{type(applied.wrapper).__name__} of W + s * A @ B has no unmerged form. "
+                    f"Put {type(factored.wrapper).__name__} outermost "
+                    f"({type(factored.wrapper).__name__}({type(applied.wrapper).__name__}"
+                    "(...))), or leave the variable out of one of the two filters."
+                )
+            if _adds_low_rank(applied.wrapper):
+                factored = applied
+                continue
+            with set_name_stack(applied.name_stack):
                 value = applied.wrapper.transform(leaf, **applied.options)
+        if factored is not None:
+            value = jax.numpy.asarray(value)
+            leaf = Leaf(path, collection, value, metadata)
+            self.sources[id(value)] = _delta_source(factored, leaf)
+            self.weights.append(value)
+        if chain and (record := _RECORD.get()) is not None:
+            full_path = (*_variable_scope(self.inner, scope_name), *(k.key for k in keypath))
+            seen = _Seen(full_path, collection, tuple(chain), value)
+            if factored is None:
+                record(seen)
+            else:
+                # Reported once the call has made the delta's factors, with the merged
+                # value W + s * A @ B (what fold needs).
+                self.merged.append((seen, self.sources[id(value)]))
         return metadata.replace_boxed(value) if metadata is not None else value
 
     def _check_selected(self) -> None:

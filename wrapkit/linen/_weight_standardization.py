@@ -1,0 +1,131 @@
+"""Weight standardisation (Qiao et al., https://arxiv.org/abs/1903.10520)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Sequence
+from typing import SupportsIndex
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen.dtypes import canonicalize_dtype
+from flax.typing import Dtype
+
+from .._filters import VariableFilter
+from .._numerics import reduction_axes, standardize
+from .._problems import dtype_error, is_index
+from ._wrapper import Leaf, Wrapper, _describe
+
+
+class WeightStandardization(Wrapper):
+    """Weight standardisation: the inner module sees ``(w - mean) / sqrt(var + epsilon)``.
+
+    The mean and the (biased) variance are taken over the fan-in axes of each selected
+    variable: every axis except ``feature_axes``, so each output feature of a Dense
+    ``(in, out)``, Conv ``(H, W, in, out)``, DenseGeneral or Einsum kernel has zero mean
+    and unit variance. This is BiT's ``StdConv`` (Kolesnikov et al.,
+    https://arxiv.org/abs/1912.11370), for any module and kernel rank. The wrapper is
+    stateless: it has no variables of its own, and the inner module keeps its raw weights.
+
+    The moments are computed in at least float32, whatever the weight's dtype, and the
+    standardised weight is cast once, at the end; a zero (or any constant) weight gives
+    zeros, with finite gradients, in every dtype.
+
+    Attributes:
+        layer_instance: the module to wrap.
+        epsilon: a finite positive number, added to the variance before the reciprocal
+            square root. The default, ``1e-10``, is BiT's (its JAX ``standardize`` and
+            PyTorch ``StdConv2d``, and the flax community ports of them): with variances of
+            order ``1 / fan_in`` it changes nothing, and it keeps a constant weight (a
+            zero-initialised kernel) at 0 instead of 0 / 0. (The ViT hybrids add ``1e-5``
+            to the standard deviation instead, a different formula.)
+        feature_axes: the axes (an int or a tuple of ints) that keep separate statistics;
+            the mean and variance reduce over the others. ``None`` takes one mean and
+            variance over the whole variable.
+        dtype: the dtype of the standardised weights, floating-point or complex (default:
+            the weight's).
+        variable_filter: which variables to standardise (default ``{"kernel"}``); see
+            [`Wrapper`][wrapkit.linen.Wrapper].
+        delegates: the inner module's methods to standardise for (default
+            ``("__call__",)``).
+
+    Raises:
+        ValueError: when built, listing every option of the wrong type or value (each with
+            the module, what was expected and the fix); in the first call, for
+            ``feature_axes`` out of range of a selected variable, or covering all its axes
+            (it would become zeros).
+
+    Examples:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from wrapkit.linen import WeightStandardization
+        >>> model = WeightStandardization(nn.Conv(4, (3, 3)))
+        >>> x = jnp.ones((1, 8, 8, 3))
+        >>> variables = model.init(jax.random.key(0), x)
+        >>> list(variables["params"])  # no variables of its own
+        ['layer_instance']
+        >>> model.apply(variables, x).shape
+        (1, 8, 8, 4)
+    """
+
+    epsilon: float = 1e-10
+    feature_axes: SupportsIndex | Sequence[SupportsIndex] | None = -1
+    dtype: Dtype | None = None
+    variable_filter: VariableFilter = dataclasses.field(
+        default_factory=lambda: {"kernel"}, kw_only=True
+    )
+
+    def argument_errors(self) -> list[str]:
+        problems = []
+        eps = self.epsilon
+        real = isinstance(eps, numbers.Real) and not isinstance(eps, bool | np.bool_)
+        if not (real and math.isfinite(eps) and eps > 0):
+            got = f"{eps!r}" if real else f"{eps!r} ({type(eps).__name__})"
+            problems.append(
+                f"epsilon must be a finite positive number, got {got}: it keeps a constant "
+                "weight (a zero kernel) at 0 instead of 0 / 0. Pass a float; the default, "
+                "1e-10, is BiT's."
+            )
+        axes = self.feature_axes
+        if not (
+            axes is None
+            or is_index(axes)
+            or (isinstance(axes, Sequence) and all(is_index(axis) for axis in axes))
+        ):
+            problems.append(
+                f"feature_axes must be an int, a tuple of ints or None, got {axes!r} "
+                f"({type(axes).__name__}). Pass e.g. feature_axes=-1 (the last axis, a "
+                "kernel's output features), feature_axes=(-2, -1), or None for one mean and "
+                "variance over the whole variable."
+            )
+        if (error := dtype_error("dtype", self.dtype, optional=True)) is not None:
+            problems.append(error)
+        return problems
+
+    def transform(self, leaf: Leaf) -> jax.Array:
+        value = jnp.asarray(leaf.value)
+        axes = reduction_axes(value.ndim, self.feature_axes)
+        if axes is None:
+            raise ValueError(
+                f"{_describe(self)}: feature_axes={self.feature_axes!r} is out of range for "
+                f"{leaf.path!r} of shape {value.shape}. Use axes in [{-value.ndim}, "
+                f"{value.ndim - 1}], or feature_axes=None for one mean and variance over "
+                "the whole variable."
+            )
+        if not axes:
+            # A scalar, or feature_axes covering every axis: each element would be its own
+            # mean, so the variable would silently become zeros.
+            covered, other_fix = "", ""
+            if value.ndim:
+                covered = f" (feature_axes={self.feature_axes!r} covers all its axes)"
+                other_fix = ", or use feature_axes=None for one mean and variance over it"
+            raise ValueError(
+                f"{_describe(self)}: {leaf.path!r} of shape {value.shape} has no axis to "
+                f"standardise over{covered}, so it would become zeros. Leave it out of "
+                f"variable_filter (e.g. {{'kernel'}}){other_fix}."
+            )
+        # The moments run in at least float32; the result is cast once (see _numerics).
+        dtype = canonicalize_dtype(leaf.value, dtype=self.dtype)
+        return standardize(value, axis=axes, eps=self.epsilon, dtype=dtype)
