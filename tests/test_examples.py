@@ -282,3 +282,17 @@ def test_a_weight_norm_cnn_initialised_from_data_trains():
         assert abs(mean) < 1e-3 and abs(std - 1) < 1e-2
     assert any(abs(std - 1) > 0.3 for _, std in result.before)  # it changed something
     assert result.losses[-1] < 0.8 * result.losses[0]
+
+
+def test_lora_fine_tuning_injected_by_pattern_trains_only_the_adapters():
+    spec = importlib.util.spec_from_file_location(
+        "lora_finetune", ROOT / "examples" / "lora_finetune.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example
+    spec.loader.exec_module(example)
+    result = example.run(steps=60)
+    assert result.losses[-1] < 0.9 * result.losses[0]
+    assert result.base_unchanged
+    assert 0 < result.trainable < 0.05 * result.total
+    assert result.fold_error < 1e-4

@@ -29,6 +29,7 @@ from flax.core.scope import Scope
 from jax.extend import core as jex_core
 from jax.interpreters import partial_eval as pe
 
+from .. import _calls
 from .. import flops as _flops
 from .._protocol import delegated_methods, is_wrapper
 from .._warnings import warn
@@ -126,6 +127,12 @@ class _Recorder:
         call.outputs = _abstract(out)
         return out
 
+    def diverted(self, module: Any) -> None:
+        """The call being recorded for ``module`` runs a wrapper instead (``inject``): its
+        row is the wrapper's, and the module's own call inside the wrapper."""
+        if self.stack and self.stack[-1].module_id == id(module):
+            self.stack[-1].transparent = True
+
     def _record(self, module: nn.Module, method: str, args: Any, kwargs: Any) -> _Call:
         # Only the class is read, never the instance's attributes through getattr: model
         # libraries define ``__getattr__`` (forwarding to a config), which would re-enter
@@ -146,6 +153,7 @@ class _Recorder:
             visible.module_type = cls.__name__
         transparent = (
             method == "setup"
+            or _calls.is_transparent(cls)
             or (method.startswith("_") and not method.startswith("__"))
             or not (
                 _is_method(cls, method)
@@ -342,7 +350,7 @@ def _summary(
     def apply(recorder: _Recorder, *leaves: Any) -> Any:
         variables, rngs, dynamic = jax.tree_util.tree_unflatten(treedef, leaves)
         call_args, call_kwargs = rebuild(dynamic)
-        with nn.intercept_methods(recorder):
+        with nn.intercept_methods(recorder), _calls.listening(recorder.diverted):
             result = module.apply(
                 variables, *call_args, rngs=rngs, method=method, mutable=mutable, **call_kwargs
             )

@@ -4,6 +4,9 @@ import flax.linen as _nn
 
 from .._protocol import register_wrapper as _register_wrapper
 from ._fake_quant import FakeQuant as FakeQuant
+from ._inject import Injected as Injected
+from ._inject import InjectReport as InjectReport
+from ._inject import inject as inject
 from ._lifecycle import fold as fold
 from ._lifecycle import init_from_data as init_from_data
 from ._lifecycle import wrap_pretrained as wrap_pretrained
