@@ -296,3 +296,14 @@ def test_lora_fine_tuning_injected_by_pattern_trains_only_the_adapters():
     assert result.base_unchanged
     assert 0 < result.trainable < 0.05 * result.total
     assert result.fold_error < 1e-4
+
+
+def test_wrapped_train_steps_compile_to_the_flops_of_hand_written_ones():
+    spec = importlib.util.spec_from_file_location(
+        "train_step_benchmark", ROOT / "benchmarks" / "train_step.py"
+    )
+    benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark
+    spec.loader.exec_module(benchmark)
+    for kind, result in benchmark.main(["--quick", "--rounds", "1"]).items():
+        assert result["wrapkit flops"] == result["hand flops"] > 0, kind
