@@ -844,3 +844,51 @@ def test_a_summary_of_an_injected_model_shows_each_wrapper_with_its_layer_below_
     reference = wrapkit.summary(ByHand(), x, vjp=True)
     assert (summary.flops, summary.vjp_flops) == (reference.flops, reference.vjp_flops)
     assert summary.rows[1].own_flops == reference.rows[1].own_flops > 0
+
+
+def test_lora_on_every_attention_projection_of_transformers_gpt2_in_one_line():
+    transformers = pytest.importorskip("transformers", reason="needs the compat extra")
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        pytest.skip("transformers 5 has no Flax models")
+    from transformers import FlaxGPT2LMHeadModel, GPT2Config
+
+    import wrapkit
+    from wrapkit.linen import LoRA, fold
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=16)
+    gpt2 = FlaxGPT2LMHeadModel(config, seed=0)
+    ids = jnp.arange(16).reshape(2, 8) % 128
+    inputs = (ids, jnp.ones_like(ids), jnp.broadcast_to(jnp.arange(8), (2, 8)))
+
+    lora = inject(gpt2.module, functools.partial(LoRA, rank=4), "attn/c_*")
+    fresh = flat(lora.init(KEY, *inputs)["params"])
+    original = flat(gpt2.params)
+    added = {key: value for key, value in fresh.items() if key not in original}
+    # FlaxConv1D's kernel is (out, in) and used as x @ kernel.T: A spans the input axis.
+    assert {text(key): value.shape for key, value in added.items()} == {
+        f"transformer/h/{layer}/attn/LoRA/{proj}/kernel/{factor}": shape
+        for layer in (0, 1)
+        for proj, out in (("c_attn", 96), ("c_proj", 32))
+        for factor, shape in (("lora_a", (32, 4)), ("lora_b", (4, out)))
+    }
+    merged = randomise({**original, **added}, list(added))
+    params = unflatten_dict(merged)
+    got = jax.jit(lora.apply)({"params": params}, *inputs)
+    # By hand: each kernel (out, in) plus (A @ B).T, through the plain model.
+    by_hand = dict(original)
+    for layer in (0, 1):
+        for proj in ("c_attn", "c_proj"):
+            base = ("transformer", "h", str(layer), "attn", proj, "kernel")
+            lora_path = ("transformer", "h", str(layer), "attn", "LoRA")
+            a = merged[(*lora_path, f"{proj}/kernel/lora_a")]
+            b = merged[(*lora_path, f"{proj}/kernel/lora_b")]
+            by_hand[base] = merged[base] + (a @ b).T
+    want = gpt2.module.apply({"params": unflatten_dict(by_hand)}, *inputs)
+    chex.assert_trees_all_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    # Folded, the plain module takes the weights; the summary counts it unmerged.
+    folded = fold(lora, {"params": params}, *inputs)
+    chex.assert_trees_all_close(
+        gpt2.module.apply(folded, *inputs).logits, got.logits, rtol=1e-5, atol=1e-5
+    )
+    summary = wrapkit.summary(lora, *inputs, vjp=True)
+    assert [row.module_type for row in summary.rows].count("LoRA") == 4
