@@ -396,8 +396,8 @@ def test_summary_row_costs_the_quantisation_and_the_layer_is_its_child():
         (
             {"feature_axes": True},
             r"feature_axes must be an int, a tuple of ints or None, got True \(bool\)\. Pass "
-            r"e\.g\. feature_axes=-1 \(one grid per output feature\), feature_axes=\(-2, -1\), "
-            r"or None for one grid per variable\.",
+            r"e\.g\. feature_axes=-1 \(the last axis, a kernel's output features\), "
+            r"feature_axes=\(0, -1\), or None for one grid per variable\.",
         ),
         ({"feature_axes": 1.5}, r"feature_axes must be .*, got 1\.5 \(float\)\."),
         (

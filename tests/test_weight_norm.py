@@ -301,7 +301,8 @@ def test_numpy_integer_feature_axes_are_accepted_like_python_ints():
         (
             {"feature_axes": True},
             r"feature_axes must be an int, a tuple of ints or None, got True \(bool\)\. Pass "
-            r"e\.g\. feature_axes=-1 \(the last axis\), feature_axes=\(0, -1\), or None",
+            r"e\.g\. feature_axes=-1 \(the last axis, a kernel's output features\), "
+            r"feature_axes=\(0, -1\), or None for one norm over all axes\.",
         ),
         ({"feature_axes": (0, False)}, r"feature_axes must be .*, got \(0, False\) \(tuple\)"),
         ({"feature_axes": "01"}, r"feature_axes must be .*, got '01' \(str\)"),

@@ -530,7 +530,7 @@ def test_summary_row_costs_the_standardisation_and_the_layer_is_its_child():
             {"feature_axes": True},
             r"feature_axes must be an int, a tuple of ints or None, got True \(bool\)\. Pass "
             r"e\.g\. feature_axes=-1 \(the last axis, a kernel's output features\), "
-            r"feature_axes=\(-2, -1\), or None for one mean and variance over the whole "
+            r"feature_axes=\(0, -1\), or None for one mean and variance over the whole "
             r"variable\.",
         ),
         ({"feature_axes": 1.5}, r"feature_axes must be .*, got 1\.5 \(float\)\."),

@@ -78,3 +78,21 @@ def is_index(value: Any) -> bool:
 def is_bool(value: Any) -> bool:
     """``value`` is True or False (a Python or numpy bool)."""
     return isinstance(value, bool | np.bool_)
+
+
+def feature_axes_error(axes: Any, none_means: str) -> str | None:
+    """Why ``axes`` is not an int, a tuple of ints or ``None``, or ``None`` if it is.
+
+    ``none_means`` says what ``None`` does for the wrapper ("one norm over all axes").
+    """
+    if (
+        axes is None
+        or is_index(axes)
+        or (isinstance(axes, Sequence) and all(is_index(axis) for axis in axes))
+    ):
+        return None
+    return (
+        f"feature_axes must be an int, a tuple of ints or None, got {axes!r} "
+        f"({type(axes).__name__}). Pass e.g. feature_axes=-1 (the last axis, a kernel's "
+        f"output features), feature_axes=(0, -1), or None for {none_means}."
+    )

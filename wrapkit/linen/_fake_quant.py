@@ -13,7 +13,7 @@ from flax.typing import Dtype
 
 from .._filters import VariableFilter
 from .._numerics import fake_quantize, reduction_axes
-from .._problems import is_bool, is_index
+from .._problems import feature_axes_error, is_bool, is_index
 from ._wrapper import Inverse, Leaf, Wrapper, _describe
 
 # No integer format wider than int16 is used for quantised weights, and a finer grid is
@@ -130,17 +130,8 @@ class FakeQuant(Wrapper):
                 f"symmetric must be True or False, got {self.symmetric!r}. Pass "
                 "symmetric=False for an asymmetric (min/max, zero-point) grid."
             )
-        axes = self.feature_axes
-        if not (
-            axes is None
-            or is_index(axes)
-            or (isinstance(axes, Sequence) and all(is_index(axis) for axis in axes))
-        ):
-            problems.append(
-                f"feature_axes must be an int, a tuple of ints or None, got {axes!r} "
-                f"({type(axes).__name__}). Pass e.g. feature_axes=-1 (one grid per output "
-                "feature), feature_axes=(-2, -1), or None for one grid per variable."
-            )
+        if (error := feature_axes_error(self.feature_axes, "one grid per variable")) is not None:
+            problems.append(error)
         if (error := _real_dtype_error(self.dtype)) is not None:
             problems.append(error)
         return problems

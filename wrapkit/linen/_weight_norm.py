@@ -14,7 +14,7 @@ from flax.linen.dtypes import canonicalize_dtype
 from flax.typing import Dtype, Initializer
 
 from .._numerics import canonical_axes, compute_dtype, l2_normalize, norm_floor
-from .._problems import dtype_error, epsilon_error, is_bool, is_index
+from .._problems import dtype_error, epsilon_error, feature_axes_error, is_bool
 from .._warnings import warn
 from ._wrapper import Inverse, Leaf, Wrapper, _describe
 
@@ -75,17 +75,8 @@ class WeightNorm(Wrapper):
 
     def argument_errors(self) -> list[str]:
         problems = []
-        axes = self.feature_axes
-        if not (
-            axes is None
-            or is_index(axes)
-            or (isinstance(axes, Sequence) and all(is_index(axis) for axis in axes))
-        ):
-            problems.append(
-                f"feature_axes must be an int, a tuple of ints or None, got {axes!r} "
-                f"({type(axes).__name__}). Pass e.g. feature_axes=-1 (the last axis), "
-                "feature_axes=(0, -1), or None for one norm over all axes."
-            )
+        if (error := feature_axes_error(self.feature_axes, "one norm over all axes")) is not None:
+            problems.append(error)
         if (error := epsilon_error(self.epsilon)) is not None:
             problems.append(error)
         if not is_bool(self.use_scale):

@@ -16,7 +16,7 @@ from flax.typing import Dtype
 
 from .._filters import VariableFilter
 from .._numerics import reduction_axes, standardize
-from .._problems import dtype_error, is_index
+from .._problems import dtype_error, feature_axes_error
 from ._wrapper import Leaf, Wrapper, _describe
 
 
@@ -88,18 +88,12 @@ class WeightStandardization(Wrapper):
                 "weight (a zero kernel) at 0 instead of 0 / 0. Pass a float; the default, "
                 "1e-10, is BiT's."
             )
-        axes = self.feature_axes
-        if not (
-            axes is None
-            or is_index(axes)
-            or (isinstance(axes, Sequence) and all(is_index(axis) for axis in axes))
-        ):
-            problems.append(
-                f"feature_axes must be an int, a tuple of ints or None, got {axes!r} "
-                f"({type(axes).__name__}). Pass e.g. feature_axes=-1 (the last axis, a "
-                "kernel's output features), feature_axes=(-2, -1), or None for one mean and "
-                "variance over the whole variable."
+        if (
+            error := feature_axes_error(
+                self.feature_axes, "one mean and variance over the whole variable"
             )
+        ) is not None:
+            problems.append(error)
         if (error := dtype_error("dtype", self.dtype, optional=True)) is not None:
             problems.append(error)
         return problems
