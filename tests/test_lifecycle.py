@@ -16,6 +16,7 @@ import pytest
 
 from wrapkit.linen import (
     Inverse,
+    LoRA,
     SpectralNorm,
     WeightNorm,
     Wrapper,
@@ -372,19 +373,107 @@ def test_fold_refuses_flax_wrappers_it_cannot_see():
         fold(Top(), Top().init(KEY, X), X)
 
 
-def test_fold_refuses_a_wrapper_inside_a_lifted_transform():
-    class Block(nn.Module):
+class _LiftedLayer(nn.Module):
+    """A WeightNorm'd Dense, then a LoRA'd one; ``wrap=False`` is the plain twin."""
+
+    wrap: bool
+
+    @nn.compact
+    def __call__(self, carry, _):
+        first, second = nn.Dense(4), nn.Dense(4)
+        if self.wrap:
+            first = WeightNorm(first)
+            second = LoRA(second, rank=2, b_init=nn.initializers.normal(1.0))
+        return second(nn.tanh(first(carry))), None
+
+
+class _Lifted(nn.Module):
+    wrap: bool
+    lift: str
+
+    @nn.compact
+    def __call__(self, x):
+        if self.lift == "scan":
+            layers = nn.scan(
+                _LiftedLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+            )
+            return layers(self.wrap)(x, None)[0]
+        if self.lift == "vmap":
+            experts = nn.vmap(
+                _LiftedLayer, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0
+            )
+            return experts(self.wrap)(x, None)[0]
+        block = (nn.remat if self.lift == "remat" else nn.jit)(_LiftedLayer)(self.wrap)
+        return block(block(x, None)[0], None)[0]
+
+
+LIFTS = ["scan", "vmap", "remat", "jit"]
+
+
+@pytest.mark.parametrize("lift", LIFTS)
+def test_fold_reads_weights_out_of_lifted_transforms(lift):
+    """nn.scan/nn.vmap stack the folded weights per slice; nn.remat/nn.jit pass them out."""
+    wrapped, plain = _Lifted(True, lift), _Lifted(False, lift)
+    x = jax.random.normal(jax.random.key(1), (3, 4))
+    variables = wrapped.init(KEY, x)
+    folded = fold(wrapped, variables, x)
+    assert shapes(folded) == shapes(plain.init(KEY, x))
+    assert_close(plain.apply(folded, x), wrapped.apply(variables, x))
+    # The first kernel of each slice, normalised by hand.
+    root = next(iter(variables["params"]))
+    params = variables["params"][root]
+    stacked = lift in ("scan", "vmap")
+    v, g = params["Dense_0"]["kernel"], params["WeightNorm_0"]["Dense_0/kernel/scale"]
+    axis = 1 if stacked else 0
+    expected = (
+        g[..., None, :] * v / np.linalg.norm(np.asarray(v, np.float64), axis=axis, keepdims=True)
+    )
+    assert_close(folded["params"][root]["Dense_0"]["kernel"], expected)
+
+
+@pytest.mark.parametrize("lift", LIFTS)
+def test_wrap_pretrained_inverts_slice_by_slice_in_lifted_transforms(lift):
+    wrapped, plain = _Lifted(True, lift), _Lifted(False, lift)
+    x = jax.random.normal(jax.random.key(1), (3, 4))
+    pretrained = trained(plain, x)
+    variables = wrap_pretrained(wrapped, pretrained, x, rngs=KEY)
+    assert_close(wrapped.apply(variables, x), plain.apply(pretrained, x))
+    root = next(iter(variables["params"]))
+    assert not np.any(np.asarray(variables["params"][root]["LoRA_0"]["Dense_1/kernel/lora_b"]))
+
+
+@pytest.mark.parametrize("lift", ["scan", "remat"])
+def test_init_from_data_inside_lifted_transforms_normalises_every_layer(lift):
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, carry, _):
+            return nn.tanh(WeightNorm(nn.Dense(6))(carry)), None
+
+    class Deep(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return WeightNorm(nn.Dense(3))(x)
+            if lift == "scan":
+                return nn.scan(
+                    Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+                )()(x, None)[0]
+            block = nn.remat(Layer)()
+            return block(x, None)[0]
 
-    class Top(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.remat(Block)()(x)
-
-    with pytest.raises(ValueError, match=r"runs inside a lifted transform \(nn.scan"):
-        fold(Top(), Top().init(KEY, X), X)
+    x = jax.random.normal(jax.random.key(1), (128, 6))
+    model = Deep()
+    variables = init_from_data(model, model.init(KEY, x), x)
+    # Unrolled by hand: each slice's layer on the previous one's output.
+    root = next(iter(variables["params"]))
+    params = variables["params"][root]
+    h = x
+    for i in range(3 if lift == "scan" else 1):
+        layer = jax.tree_util.tree_map(lambda p, i=i: p[i] if lift == "scan" else p, params)
+        v, b = layer["Dense_0"]["kernel"], layer["Dense_0"]["bias"]
+        g = layer["WeightNorm_0"]["Dense_0/kernel/scale"]
+        y = h @ (g * v / jnp.linalg.norm(v, axis=0, keepdims=True)) + b
+        np.testing.assert_allclose(np.asarray(y.mean(0)), 0, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(y.std(0)), 1, atol=1e-3)
+        h = jnp.tanh(y)
 
 
 # -- wrap_pretrained ----------------------------------------------------------------------

@@ -34,7 +34,7 @@ from flax.core.meta import AxisMetadata
 
 from .._problems import raise_collected
 from ._weight_norm import WeightNorm
-from ._wrapper import _RECORD, Leaf, Wrapper, _describe, _Seen
+from ._wrapper import _EXPORT, _RECORD, EXPORTED, Inverse, Leaf, Wrapper, _describe, _Seen
 
 _Path = tuple[str, ...]
 _Key = tuple[str, ...]  # (collection, *path)
@@ -113,11 +113,13 @@ class _Call:
         args, kwargs = jax.tree_util.tree_map(zeros, (self.args, self.kwargs))
         return dataclasses.replace(self, args=args, kwargs=kwargs)
 
-    def apply(self, model: nn.Module, variables: Any) -> Any:
+    def apply(self, model: nn.Module, variables: Any, mutable: Any = False) -> Any:
         rngs = self.rngs
         if rngs is not None and not isinstance(rngs, Mapping):
             rngs = {"params": rngs}
-        return model.apply(variables, *self.args, method=self.method, rngs=rngs, **self.kwargs)
+        return model.apply(
+            variables, *self.args, method=self.method, rngs=rngs, mutable=mutable, **self.kwargs
+        )
 
     def init(self, model: nn.Module, rngs: Any) -> Any:
         return model.init(rngs, *self.args, method=self.method, **self.kwargs)
@@ -251,15 +253,30 @@ class _Layout:
 
 
 def _record_call(model: nn.Module, variables: Any, call: _Call) -> tuple[_Recorder, dict]:
-    """Runs the call under ``jax.jit``; returns the record and the values received."""
-    with _recording() as recorder:
-        values = call.run(lambda traced, c: _apply_recorded(model, traced, c, recorder), variables)
+    """Runs the call under ``jax.jit``; returns the record and the values received.
+
+    The values come out as variables the view stores in each wrapper's scope while
+    ``_EXPORT`` is set (``"__fold__/<collection>/<path>"``), in an apply with every
+    collection mutable: inside ``nn.scan``, ``nn.vmap``, ``nn.remat`` or ``nn.jit`` that is
+    how a value leaves the lifted trace, stacked along the transform's variable axis.
+    """
+    token = _EXPORT.set(True)
+    try:
+        with _recording() as recorder:
+            values = call.run(lambda traced, c: _apply_recorded(model, traced, c), variables)
+    finally:
+        _EXPORT.reset(token)
     return recorder, values
 
 
-def _apply_recorded(model: nn.Module, variables: Any, call: _Call, recorder: _Recorder) -> dict:
-    call.apply(model, variables)
-    return dict(recorder.values)
+def _apply_recorded(model: nn.Module, variables: Any, call: _Call) -> dict:
+    _, updates = call.apply(model, variables, mutable=True)
+    # Keys ("params", *outermost wrapper's path, "__fold__/<collection>/<variable path>").
+    return {
+        tuple(key[-1].split("/")[1:]): _unbox(value)
+        for key, value in _flatten(updates).items()
+        if key[-1].startswith(f"{EXPORTED}/")
+    }
 
 
 # -- checks -------------------------------------------------------------------------------
@@ -348,8 +365,8 @@ def fold(
 
     Raises:
         ValueError: when the variables do not fit the model (naming the missing and extra
-            paths), when some wrapper variables are left over (their wrapper did not run in
-            the call), or when a wrapper runs inside a lifted transform (``nn.scan``, ...).
+            paths), or when some wrapper variables are left over (their wrapper did not run
+            in the call).
 
     Examples:
         >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -512,8 +529,11 @@ def wrap_pretrained(
     for key, entry in transformed.items():
         box = initial[key] if isinstance(initial[key], AxisMetadata) else None
         value = _unbox(plain[places[key]])
+        # Inside nn.scan or nn.vmap the wrappers saw one slice of the stacked variable.
+        axis = _stacked_axis(subject, key, jnp.shape(value), jnp.shape(recorder.values[key]))
         for step in reversed(entry.steps):
-            inverse = step.wrapper.invert(Leaf(step.leaf_path, key[0], value, box))
+            leaf = Leaf(step.leaf_path, key[0], value, box if axis is None else None)
+            inverse = _invert(step.wrapper, leaf, axis, initial, step.path)
             for collection, named in inverse.variables.items():
                 for name, own in named.items():
                     own_key = (collection, *step.path, name)
@@ -539,6 +559,57 @@ def wrap_pretrained(
     if exact:
         _check_reproduces(subject, model, wrapped, call, plain, places, transformed, caveats)
     return wrapped
+
+
+def _stacked_axis(subject: str, key: _Key, full: Any, seen: Any) -> int | None:
+    """The axis along which a lifted transform stacked the variable, ``None`` if it did not.
+
+    ``seen`` is the shape of the slice the wrapper received; ``full`` the variable's.
+    """
+    full, seen = tuple(full), tuple(seen)
+    if full == seen:
+        return None
+    axes = [k for k in range(len(full)) if full[:k] + full[k + 1 :] == seen]
+    if len(full) != len(seen) + 1 or not axes:
+        raise ValueError(
+            f"{subject}: {_name(key)} has shape {full}, but its wrappers saw {seen}: a lifted "
+            "transform that does more than stack it along one axis is not supported."
+        )
+    return axes[0]
+
+
+def _invert(
+    wrapper: Wrapper, leaf: Leaf, axis: int | None, initial: Mapping[_Key, Any], path: _Path
+) -> Inverse:
+    """``wrapper.invert(leaf)``; slice by slice along ``axis`` for a stacked variable, whose
+    wrapper variables are stacked along the same axis (as nn.scan's variable_axes do)."""
+    if axis is None:
+        return wrapper.invert(leaf)
+    caveats: list[str | None] = []
+
+    def one(value: Any) -> tuple[Any, Any]:
+        inverse = wrapper.invert(dataclasses.replace(leaf, value=value))
+        caveats.append(inverse.caveat)
+        own = {
+            collection: {
+                # Each own variable as one slice (a scalar fills it: LoRA's zero B).
+                name: jnp.broadcast_to(
+                    value, _sliced(jnp.shape(_unbox(initial[(collection, *path, name)])), axis)
+                )
+                if (collection, *path, name) in initial
+                else value
+                for name, value in named.items()
+            }
+            for collection, named in inverse.variables.items()
+        }
+        return inverse.value, own
+
+    value, variables = jax.vmap(one, in_axes=axis, out_axes=axis)(leaf.value)
+    return Inverse(value, variables, caveats[0] if caveats else None)
+
+
+def _sliced(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    return shape[:axis] + shape[axis + 1 :]
 
 
 def _is_own(key: _Key, wrapper: _Path) -> bool:
@@ -682,7 +753,7 @@ def init_from_data(
     problems: list[str] = []
 
     def run(traced: Any, call: _Call, recorder: _Recorder) -> dict[int, Any]:
-        statistics: dict[int, Any] = {}
+        scopes: dict[_Path, int] = {}  # the scope each WeightNorm ran in
 
         def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
             module = context.module
@@ -690,6 +761,12 @@ def init_from_data(
                 isinstance(module, WeightNorm) and context.method_name in module.delegated_methods
             ):
                 return next_fun(*args, **kwargs)
+            path = tuple(module.path)
+            if scopes.setdefault(path, id(module.scope)) != id(module.scope):
+                # The same layer in a new scope: flax tracing a lifted body again (nn.scan
+                # does), not a second call. The last trace's values are the ones kept.
+                norms[:] = [norm for norm in norms if norm.path != path]
+                scopes[path] = id(module.scope)
             start = len(recorder.found)
             out = next_fun(*args, **kwargs)
             found = _norm_call(module, recorder.found[start:], out, norms, problems)
@@ -700,13 +777,23 @@ def init_from_data(
             axes = tuple(range(wide.ndim - 1))
             mean = wide.mean(axis=axes)
             std = jnp.sqrt(wide.var(axis=axes) + epsilon)
-            statistics[len(norms) - 1] = (mean, std)
+            # Stored as the wrapper's variables, so that they leave lifted transforms
+            # (nn.scan stacks them per layer) the way flax moves any variable.
+            module.put_variable("params", f"{EXPORTED}/mean", mean)
+            module.put_variable("params", f"{EXPORTED}/std", std)
             # What the data-initialised layer computes, for the layers downstream.
             return ((wide - mean) / std).astype(out.dtype)
 
         with nn.intercept_methods(interceptor):
-            call.apply(model, traced)
-        return statistics
+            _, updates = call.apply(model, traced, mutable=True)
+        flat_updates = _flatten(updates)
+        return {
+            index: tuple(
+                _unbox(flat_updates[("params", *norm.path, f"{EXPORTED}/{name}")])
+                for name in ("mean", "std")
+            )
+            for index, norm in enumerate(norms)
+        }
 
     with _recording() as recorder:
         statistics = call.run(lambda traced, c: run(traced, c, recorder), variables)
@@ -757,7 +844,15 @@ def init_from_data(
             )
             continue
         scale, bias = _unbox(flat[scale_key]), _unbox(flat[bias_key])
-        if jnp.shape(scale) != (norm.features,) or jnp.shape(bias) != (norm.features,):
+        mean, std = statistics[index]
+        # One scale and bias per feature; inside nn.scan or nn.vmap, stacked like the
+        # statistics (one set per layer).
+        expected = jnp.shape(mean)
+        if (
+            expected[-1:] != (norm.features,)
+            or jnp.shape(scale) != expected
+            or jnp.shape(bias) != expected
+        ):
             problems.append(
                 f"{where}: expected one scale and one bias per output feature (the last "
                 f"axis of the output, {norm.features}), got a scale of shape "
@@ -766,7 +861,6 @@ def init_from_data(
                 "features (Dense, Conv)."
             )
             continue
-        mean, std = statistics[index]
         updates[scale_key] = _like(flat[scale_key], scale / std)
         updates[bias_key] = _like(flat[bias_key], (bias - mean) / std)
     # A WeightNorm that runs twice reports its problems twice; say each once.

@@ -144,6 +144,26 @@ _RECORD: contextvars.ContextVar[Callable[[_Seen], None] | None] = contextvars.Co
     "wrapkit_record", default=None
 )
 
+# Set by fold (_lifecycle.py): the view also stores each value it hands an inner module as a
+# variable of the wrapper, "__fold__/<collection>/<path from the root>", so that the value
+# leaves lifted transforms as flax moves any variable (nn.scan stacks it along its axis).
+# The values go to the outermost wrapper whose call is running: inside its view, the scopes of
+# wrappers deeper down hold their parameters read-only. A later value of the same variable (a
+# wrapper inside a wrapped block, seeing the outer view) replaces an earlier one.
+_EXPORT: contextvars.ContextVar[bool] = contextvars.ContextVar("wrapkit_export", default=False)
+_EXPORT_TO: contextvars.ContextVar[Wrapper | None] = contextvars.ContextVar(
+    "wrapkit_export_to", default=None
+)
+EXPORTED = "__fold__"
+
+
+def _export(seen: _Seen) -> None:
+    wrapper = _EXPORT_TO.get()
+    assert wrapper is not None  # set by _call_with_view while _EXPORT is
+    name = "/".join((EXPORTED, seen.collection, *seen.path))
+    wrapper.put_variable("params", name, seen.value)
+
+
 _HOOKS = ("transform", "argument_errors", "low_rank", "delta_feature_axes", "invert")
 
 # Where flax creates the classes that nn.remat(Cls), nn.jit(Cls), ... return.
@@ -561,11 +581,20 @@ def _call_with_view(
             init=False,
             mutable=False,
         )
-    result = lifted(inner, *args, **kwargs)
-    if (record := _RECORD.get()) is not None:
-        for seen, source in view.merged:
-            unused = source.low_rank is None  # no use made the factors
-            record(seen if unused else dataclasses.replace(seen, value=source.merged(seen.value)))
+    exporting = _EXPORT.get() and _EXPORT_TO.get() is None
+    token = _EXPORT_TO.set(stack[0].wrapper) if exporting else None
+    try:
+        result = lifted(inner, *args, **kwargs)
+        if (record := _RECORD.get()) is not None:
+            for seen, source in view.merged:
+                if source.low_rank is not None:  # else no use made the factors
+                    seen = dataclasses.replace(seen, value=source.merged(seen.value))
+                record(seen)
+                if _EXPORT.get():
+                    _export(seen)
+    finally:
+        if token is not None:
+            _EXPORT_TO.reset(token)
     if view.mapped != len(view.names):
         # The names are matched to the trees by position; a different count would misname
         # them, so fail loudly instead (a flax version that maps scopes differently).
@@ -790,6 +819,8 @@ class _View:
             seen = _Seen(full_path, collection, tuple(chain), value)
             if factored is None:
                 record(seen)
+                if _EXPORT.get():
+                    _export(seen)
             else:
                 # Reported once the call has made the delta's factors, with the merged
                 # value W + s * A @ B (what fold needs).
