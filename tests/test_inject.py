@@ -892,3 +892,24 @@ def test_lora_on_every_attention_projection_of_transformers_gpt2_in_one_line():
     )
     summary = wrapkit.summary(lora, *inputs, vjp=True)
     assert [row.module_type for row in summary.rows].count("LoRA") == 4
+
+
+def test_gradients_through_an_injected_model_equal_the_hand_written_forward():
+    model = nn.Sequential([nn.Dense(5), nn.relu, nn.Dense(2)])
+    injected = inject(model, WeightNorm, "layers_0")
+    x = jax.random.normal(jax.random.key(1), (4, 3))
+    params = injected.init(KEY, x)["params"]
+
+    def by_hand(params):
+        first, second = params["layers_0"], params["layers_2"]
+        scale = params["WeightNorm"]["layers_0/kernel/scale"]
+        kernel = scale * first["kernel"] / jnp.linalg.norm(first["kernel"], axis=0)
+        hidden = jax.nn.relu(x @ kernel + first["bias"])
+        return jnp.sum(jnp.tanh(hidden @ second["kernel"] + second["bias"]))
+
+    def injected_loss(params):
+        return jnp.sum(jnp.tanh(injected.apply({"params": params}, x)))
+
+    chex.assert_trees_all_close(
+        jax.jit(jax.grad(injected_loss))(params), jax.grad(by_hand)(params), rtol=1e-5, atol=1e-6
+    )
