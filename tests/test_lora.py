@@ -557,3 +557,54 @@ def test_wrap_pretrained_gives_a_zero_adapter_and_unchanged_outputs():
     assert not np.any(np.asarray(variables["params"]["LoRA_0"]["Dense_0/kernel/lora_b"]))
     assert np.any(np.asarray(variables["params"]["LoRA_0"]["Dense_0/kernel/lora_a"]))
     np.testing.assert_array_equal(wrapped.apply(variables, ids, x), plain.apply(pretrained, ids, x))
+
+
+# -- expert-stacked kernels -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("equation", "kernel_shape", "x_shape"),
+    [
+        ("ebd,edh->ebh", (3, 5, 4), (3, 2, 5)),
+        ("bed,edh->beh", (3, 5, 4), (2, 3, 5)),
+        ("ebd,ehd->ebh", (3, 4, 5), (3, 2, 5)),
+    ],
+    ids=["experts-first", "experts-middle", "kernel-out-in"],
+)
+def test_an_expert_stacked_kernel_gets_one_delta_per_expert(equation, kernel_shape, x_shape):
+    model = LoRA(nn.Einsum(kernel_shape, equation, use_bias=False), rank=2, b_init=RANDOM_B)
+    x = _normal(1, x_shape)
+    variables = model.init(_key(0), x)
+    params = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), variables["params"])
+    a, b = params["layer_instance/kernel/lora_a"], params["layer_instance/kernel/lora_b"]
+    assert a.shape == (3, 5, 2) and b.shape == (3, 2, 4)  # (experts, in, r), (experts, r, out)
+    delta = np.einsum("edr,erh->edh", a, b)
+    if equation == "ebd,ehd->ebh":
+        delta = delta.transpose(0, 2, 1)
+    weight = params["layer_instance"]["kernel"] + delta
+    expected = np.einsum(equation, np.asarray(x, np.float64), weight)
+    np.testing.assert_allclose(model.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
+    # The cost is per expert's factors: the same as writing the batched form by hand.
+
+    class ByHand(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.initializers.normal(1.0)
+            w = jax.lax.stop_gradient(self.param("kernel", init, kernel_shape))
+            a = self.param("a", init, (3, 5, 2))
+            b = self.param("b", init, (3, 2, 4))
+            if equation == "bed,edh->beh":
+                low = jnp.einsum("ber,erh->beh", jnp.einsum("bed,edr->ber", x, a), b)
+            else:
+                low = jnp.einsum("ebr,erh->ebh", jnp.einsum("ebd,edr->ebr", x, a), b)
+            return jnp.einsum(equation, x, w) + 1.0 * low
+
+    spec = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    wrapped, reference = (
+        wrapkit.summary(model, spec, vjp=True),
+        wrapkit.summary(ByHand(), spec, vjp=True),
+    )
+    assert wrapped.primitives["dot_general"] == reference.primitives["dot_general"]
+    assert wrapped.vjp_primitives["dot_general"] == reference.vjp_primitives["dot_general"]
+    folded = wrapkit.linen.fold(model, variables, x)
+    np.testing.assert_allclose(folded["params"]["kernel"], weight, rtol=1e-5, atol=1e-5)

@@ -34,6 +34,7 @@ for each weight leaf among them, a ``DeltaSource`` that makes the factors.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,8 +53,9 @@ class LowRank:
     """A weight delta ``scale * a @ b``, contracted over ``rank``.
 
     Attributes:
-        a: shape ``(*input_shape, rank)``: the weight's input axes, then the rank.
-        b: shape ``(rank, *output_shape)``.
+        a: shape ``(*shared_shape, *input_shape, rank)``: the weight's shared axes (an
+            expert axis that the use batches over; usually none), its input axes, the rank.
+        b: shape ``(*shared_shape, rank, *output_shape)``.
         scale: the factor ``s`` (``alpha / rank`` for LoRA).
         input_fn: applied to the layer's input before it meets ``a`` (dropout on the
             adapter path), or ``None``.
@@ -63,16 +65,20 @@ class LowRank:
     b: Any
     scale: Any
     input_fn: Callable[[Any], Any] | None = None
+    shared: int = 0  # how many leading axes of a and b are shared axes
 
     def materialize(self, dtype: Any) -> jax.Array:
-        """``scale * a @ b``, shape ``(*input_shape, *output_shape)``, computed in at least
-        float32 and cast once to ``dtype``."""
+        """``scale * a @ b``, shape ``(*shared_shape, *input_shape, *output_shape)``,
+        computed in at least float32 and cast once to ``dtype``."""
         wide = jnp.promote_types(jnp.result_type(self.a, self.b), jnp.float32)
         a = jnp.asarray(self.a, wide)
         b = jnp.asarray(self.b, wide)
-        rank = a.shape[-1]
-        delta = (a.reshape(-1, rank) @ b.reshape(rank, -1)) * self.scale
-        return delta.reshape(a.shape[:-1] + b.shape[1:]).astype(dtype)
+        shared, rank = a.shape[: self.shared], a.shape[-1]
+        size = math.prod(shared)
+        delta = jnp.matmul(a.reshape(size, -1, rank), b.reshape(size, rank, -1)) * self.scale
+        return delta.reshape(
+            shared + a.shape[self.shared : -1] + b.shape[self.shared + 1 :]
+        ).astype(dtype)
 
 
 @dataclasses.dataclass
@@ -81,8 +87,8 @@ class DeltaSource:
 
     Attributes:
         describe: names the weight for errors, e.g. ``"LoRA(Dense_0) kernel"``.
-        make: called once, with the weight's input axes and output axes (sorted tuples of
-            axis indices), when the first use is found; returns the delta's factors.
+        make: called once, with the weight's input axes, output axes and shared axes (sorted
+            tuples of axis indices), when the first use is found; returns the factors.
         name_stack: the name stack the delta's operations are recorded under (the
             wrapper's own call), so that tools attribute them to the wrapper.
         materialize: where a use has no unmerged form, run it on ``W + delta`` instead of
@@ -93,7 +99,7 @@ class DeltaSource:
     """
 
     describe: str
-    make: Callable[[tuple[int, ...], tuple[int, ...]], LowRank]
+    make: Callable[[tuple[int, ...], tuple[int, ...], tuple[int, ...]], LowRank]
     name_stack: Any
     materialize: bool = False
     feature_axes: tuple[int, ...] | None = None
@@ -101,10 +107,16 @@ class DeltaSource:
     low_rank: LowRank | None = None
     input_axes: tuple[int, ...] | None = None
     output_axes: tuple[int, ...] | None = None
+    shared_axes: tuple[int, ...] = ()
 
-    def partition(self, ndim: int, input_axes: set[int], where: str) -> None:
-        """Fixes (or checks) the weight's input and output axes from one use."""
-        output_axes = tuple(axis for axis in range(ndim) if axis not in input_axes)
+    def partition(
+        self, ndim: int, input_axes: set[int], where: str, shared: set[int] | None = None
+    ) -> None:
+        """Fixes (or checks) the weight's input, output and shared axes from one use."""
+        shared = shared or set()
+        output_axes = tuple(
+            axis for axis in range(ndim) if axis not in input_axes and axis not in shared
+        )
         if self.feature_axes is not None and self.input_axes is None:
             wanted = set(self.feature_axes)
             if wanted not in (set(output_axes), input_axes):
@@ -115,23 +127,24 @@ class DeltaSource:
                     f"feature_axes={output_axes} (or leave it unset to infer it)."
                 )
             output_axes = tuple(sorted(wanted))
-            input_axes = {axis for axis in range(ndim) if axis not in wanted}
+            input_axes = {axis for axis in range(ndim) if axis not in wanted | shared}
         if self.input_axes is None:
             self.input_axes = tuple(sorted(input_axes))
             self.output_axes = output_axes
+            self.shared_axes = tuple(sorted(shared))
         self.get()
 
     def get(self) -> LowRank:
         if self.low_rank is None:
             assert self.input_axes is not None and self.output_axes is not None
             with set_name_stack(self.name_stack):
-                self.low_rank = self.make(self.input_axes, self.output_axes)
+                self.low_rank = self.make(self.input_axes, self.output_axes, self.shared_axes)
         return self.low_rank
 
     def delta(self, dtype: Any) -> jax.Array:
         """The materialised delta, laid out like the weight (its axes in their places)."""
         assert self.input_axes is not None and self.output_axes is not None
-        order = self.input_axes + self.output_axes
+        order = self.shared_axes + self.input_axes + self.output_axes
         full = self.get().materialize(dtype)
         return _transposed_to(full, [order.index(axis) for axis in range(len(order))])
 
@@ -334,54 +347,78 @@ def _dot_general(
     self: _Interpreter, eqn: Any, invals: list[Any], index: int, mark: _Derived
 ) -> jax.Array | None:
     (contract_lhs, contract_rhs), (batch_lhs, batch_rhs) = eqn.params["dimension_numbers"]
-    weight_contract, x_contract = (
-        (contract_rhs, contract_lhs) if index == 1 else (contract_lhs, contract_rhs)
-    )
-    if batch_lhs or batch_rhs:
-        return None
+    if index == 1:
+        weight_contract, x_contract, weight_batch, x_batch = (
+            contract_rhs,
+            contract_lhs,
+            batch_rhs,
+            batch_lhs,
+        )
+    else:
+        weight_contract, x_contract, weight_batch, x_batch = (
+            contract_lhs,
+            contract_rhs,
+            batch_lhs,
+            batch_rhs,
+        )
     ndim = len(mark.perm)
     contracted = {mark.perm[d] for d in weight_contract}
-    free = [d for d in range(ndim) if d not in weight_contract]
+    # Axes the use batches over (an expert axis of an Einsum): each slice has its own delta.
+    shared = {mark.perm[d] for d in weight_batch}
+    free = [d for d in range(ndim) if d not in weight_contract and d not in weight_batch]
     source = mark.source
     if source.input_axes is None:
-        source.partition(ndim, contracted, f"{eqn.primitive.name}")
+        source.partition(ndim, contracted, f"{eqn.primitive.name}", shared)
     assert source.input_axes is not None and source.output_axes is not None
+    if shared != set(source.shared_axes):
+        return None
+    low = source.get()
     if contracted == set(source.input_axes):
-        first_axes, first_offset = source.input_axes, 0
-        low = source.get()
-        first, second = low.a, low.b
-        rest = source.output_axes
+        # x @ W: contract x with A over the input axes, then the rank with B.
+        first, second, first_axes, rest = low.a, low.b, source.input_axes, source.output_axes
+        first_offset, second_rank = 0, len(source.shared_axes)
     elif contracted == set(source.output_axes):
-        first_axes, first_offset = source.output_axes, 1
-        low = source.get()
-        first, second = low.b, low.a
-        rest = source.input_axes
+        # q @ W.T: contract q with B over the output axes, then the rank with A.
+        first, second, first_axes, rest = low.b, low.a, source.output_axes, source.input_axes
+        first_offset = 1
+        second_rank = len(source.shared_axes) + len(source.input_axes)
     else:
         return None
     x = invals[1 - index]
     base = self._bind(eqn, invals)[0]
+    nb = len(source.shared_axes)
     with set_name_stack(source.name_stack):
         if low.input_fn is not None:
             x = low.input_fn(x)
         first = jnp.asarray(first, mark.dtype)
         second = jnp.asarray(second, mark.dtype)
         first_contract = tuple(
-            first_offset + first_axes.index(mark.perm[d]) for d in weight_contract
+            nb + first_offset + first_axes.index(mark.perm[d]) for d in weight_contract
         )
+        factor_batch = tuple(source.shared_axes.index(mark.perm[d]) for d in weight_batch)
         params = dict(
             precision=eqn.params.get("precision"),
             preferred_element_type=eqn.params.get("preferred_element_type"),
         )
-        t = lax.dot_general(x, first, ((tuple(x_contract), first_contract), ((), ())), **params)
-        # t: x's free axes, then the rank; contract the rank with the second factor.
-        second_rank_axis = 0 if first_offset == 0 else second.ndim - 1
-        u = lax.dot_general(t, second, (((t.ndim - 1,), (second_rank_axis,)), ((), ())), **params)
-        # u: x's free axes, then the weight's `rest` axes (sorted); reorder to the eqn's order.
-        n_x_free = t.ndim - 1
-        weight_free_order = [rest.index(mark.perm[d]) for d in free]
-        weight_part = [n_x_free + i for i in weight_free_order]
-        x_part = list(range(n_x_free))
-        order = x_part + weight_part if index == 1 else weight_part + x_part
+        t = lax.dot_general(
+            x,
+            first,
+            ((tuple(x_contract), first_contract), (tuple(x_batch), factor_batch)),
+            **params,
+        )
+        # t: the shared axes (in the use's order), x's free axes, then the rank.
+        u = lax.dot_general(
+            t,
+            second,
+            (((t.ndim - 1,), (second_rank,)), (tuple(range(nb)), factor_batch)),
+            **params,
+        )
+        # u: shared axes, x's free axes, the weight's `rest` axes (sorted): the eqn's order
+        # is shared axes, then lhs free, then rhs free.
+        n_x_free = t.ndim - 1 - nb
+        weight_part = [nb + n_x_free + rest.index(mark.perm[d]) for d in free]
+        x_part = list(range(nb, nb + n_x_free))
+        order = list(range(nb)) + (x_part + weight_part if index == 1 else weight_part + x_part)
         return _finish(mark, base, _transposed_to(u, order))
 
 
@@ -398,7 +435,7 @@ def _conv(
     if source.input_axes is None:
         source.partition(ndim, {mark.perm[d] for d in range(ndim) if d != out_dim}, "a convolution")
     assert source.input_axes is not None and source.output_axes is not None
-    if source.output_axes != (mark.perm[out_dim],):
+    if source.output_axes != (mark.perm[out_dim],) or source.shared_axes:
         return None
     base = self._bind(eqn, invals)[0]
     with set_name_stack(source.name_stack):
@@ -445,7 +482,7 @@ def _gather(
     if source.input_axes is None:
         source.partition(ndim, {mark.perm[d] for d in dnums.collapsed_slice_dims}, "a lookup")
     assert source.input_axes is not None and source.output_axes is not None
-    if source.output_axes != (mark.perm[kept[0]],):
+    if source.output_axes != (mark.perm[kept[0]],) or source.shared_axes:
         return None
     base = self._bind(eqn, invals)[0]
     with set_name_stack(source.name_stack):

@@ -177,7 +177,11 @@ class LoRA(Wrapper):
         return axes
 
     def low_rank(
-        self, leaf: Leaf, input_axes: tuple[int, ...], output_axes: tuple[int, ...]
+        self,
+        leaf: Leaf,
+        input_axes: tuple[int, ...],
+        output_axes: tuple[int, ...],
+        shared_axes: tuple[int, ...] = (),
     ) -> LowRank:
         shape = jnp.shape(leaf.value)
         fan_in = math.prod(shape[axis] for axis in input_axes)
@@ -188,14 +192,18 @@ class LoRA(Wrapper):
                 f"{shape} allows: its input axes {input_axes} hold {fan_in} values and its "
                 f"output axes {output_axes} hold {fan_out}. Use rank <= {min(fan_in, fan_out)}."
             )
-        a_shape = (*(shape[axis] for axis in input_axes), self.rank)
-        b_shape = (self.rank, *(shape[axis] for axis in output_axes))
+        shared = tuple(shape[axis] for axis in shared_axes)
+        a_shape = (*shared, *(shape[axis] for axis in input_axes), self.rank)
+        b_shape = (*shared, self.rank, *(shape[axis] for axis in output_axes))
         a_init, b_init = self.a_init, self.b_init
         if isinstance(leaf.metadata, nn.Partitioned):
             # The factors are sharded like the weight's axes they span; the rank is not.
             names = leaf.metadata.names
-            a_init = nn.with_partitioning(a_init, (*(names[i] for i in input_axes), None))
-            b_init = nn.with_partitioning(b_init, (None, *(names[i] for i in output_axes)))
+            experts = tuple(names[i] for i in shared_axes)
+            a_init = nn.with_partitioning(a_init, (*experts, *(names[i] for i in input_axes), None))
+            b_init = nn.with_partitioning(
+                b_init, (*experts, None, *(names[i] for i in output_axes))
+            )
         a = self.param(f"{leaf.path}/lora_a", a_init, a_shape, self.param_dtype)
         b = self.param(f"{leaf.path}/lora_b", b_init, b_shape, self.param_dtype)
         input_fn = None
@@ -206,7 +214,7 @@ class LoRA(Wrapper):
             def input_fn(x: jax.Array) -> jax.Array:
                 return dropout(x, rate, key)
 
-        return LowRank(a, b, self.scale, input_fn)
+        return LowRank(a, b, self.scale, input_fn, shared=len(shared_axes))
 
     def invert(self, leaf: Leaf) -> Inverse:
         # A zero B: the delta is zero, so the base weight is the pretrained one as it is.

@@ -339,7 +339,11 @@ class Wrapper(nn.Module):
 
     @nn.nowrap
     def low_rank(
-        self, leaf: Leaf, input_axes: tuple[int, ...], output_axes: tuple[int, ...]
+        self,
+        leaf: Leaf,
+        input_axes: tuple[int, ...],
+        output_axes: tuple[int, ...],
+        shared_axes: tuple[int, ...] = (),
     ) -> LowRank:
         """The low-rank delta ``s * A @ B`` this wrapper adds to one selected variable.
 
@@ -356,10 +360,14 @@ class Wrapper(nn.Module):
             input_axes: the variable's axes that its first use contracts with the input
                 (or indexes, for a lookup), sorted.
             output_axes: its other axes, sorted.
+            shared_axes: axes the use batches over, such as the expert axis of an
+                ``"ebd,edh->ebh"`` Einsum kernel (usually none): each slice along them
+                gets a delta of its own.
 
         Returns:
-            The factors: ``a`` of shape ``(*input axes, rank)``, ``b`` of shape
-            ``(rank, *output axes)``. The hook may create them with ``self.param``.
+            The factors: ``a`` of shape ``(*shared axes, *input axes, rank)``, ``b`` of shape
+            ``(*shared axes, rank, *output axes)``, with ``shared=len(shared_axes)``. The hook
+            may create them with ``self.param``.
         """
         raise NotImplementedError(f"{type(self).__name__} does not define low_rank.")
 
@@ -615,8 +623,8 @@ def _delta_source(applied: _Applied, leaf: Leaf) -> DeltaSource:
     feature_axes = wrapper.delta_feature_axes(leaf)
     return DeltaSource(
         describe=f"{_describe(wrapper)}: {leaf.collection}/{leaf.path}",
-        make=lambda input_axes, output_axes: wrapper.low_rank(
-            leaf, input_axes, output_axes, **applied.options
+        make=lambda input_axes, output_axes, shared_axes: wrapper.low_rank(
+            leaf, input_axes, output_axes, shared_axes, **applied.options
         ),
         name_stack=applied.name_stack,
         materialize=wrapper.materialize,
