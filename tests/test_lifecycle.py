@@ -871,3 +871,35 @@ def test_init_from_data_needs_a_batch_of_values():
         ),
     ):
         init_from_data(model, model.init(KEY, BATCH), abstract)
+
+
+def test_fold_inside_a_scan_that_broadcasts_its_parameters():
+    """A weight-tied recurrence (variable_broadcast="params"): one folded kernel."""
+
+    class Cell(nn.Module):
+        wrap: bool
+
+        @nn.compact
+        def __call__(self, carry, _):
+            dense = nn.Dense(4)
+            return nn.tanh((WeightNorm(dense) if self.wrap else dense)(carry)), None
+
+    class Recurrent(nn.Module):
+        wrap: bool
+
+        @nn.compact
+        def __call__(self, x):
+            cells = nn.scan(
+                Cell, variable_broadcast="params", split_rngs={"params": False}, length=3
+            )
+            return cells(self.wrap)(x, None)[0]
+
+    variables = randomised(Recurrent(True).init(KEY, X))
+    folded = fold(Recurrent(True), variables, X)
+    assert shapes(folded) == shapes(Recurrent(False).init(KEY, X))
+    params = variables["params"]["ScanCell_0"]
+    expected = normalised(
+        params["Dense_0"]["kernel"], params["WeightNorm_0"]["Dense_0/kernel/scale"]
+    )
+    assert_close(folded["params"]["ScanCell_0"]["Dense_0"]["kernel"], expected)
+    assert_close(Recurrent(False).apply(folded, X), Recurrent(True).apply(variables, X))
