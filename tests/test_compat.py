@@ -415,3 +415,58 @@ def test_weight_norm_around_a_whole_transformers_encoder_normalises_every_kernel
     want = Top(False).apply({"params": unflatten_dict(normalised)}, hidden, mask)
     got = Top(True).apply({"params": {**params, "WeightNorm_0": scales}}, hidden, mask)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _lora_injected(module: nn.Module, patterns: list[str]) -> nn.Module:
+    from wrapkit.linen import LoRA, inject
+
+    adapter = functools.partial(LoRA, rank=2, b_init=nn.initializers.normal(1.0))
+    return inject(module, adapter, patterns)
+
+
+@pytest.mark.parametrize("model", ["bert", "vit"])
+def test_lora_injected_into_transformers_models_runs_unmerged_and_folds(model):
+    """BERT: attention Dense layers and the word-embedding lookup; ViT: the patch
+    convolution and the queries. Fold gives the plain module the merged weights."""
+    from transformers import FlaxBertModel, FlaxViTModel
+
+    if model == "bert":
+        config = BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=16,
+        )
+        plain = FlaxBertModel(config, seed=0).module
+        ids = jnp.arange(16).reshape(2, 8) % 100
+        args = (
+            ids,
+            jnp.ones_like(ids),
+            jnp.zeros_like(ids),
+            jnp.broadcast_to(jnp.arange(8), (2, 8)),
+        )
+        patterns = ["query", "value", "word_embeddings"]
+    else:
+        config = ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=16,
+            patch_size=8,
+        )
+        plain = FlaxViTModel(config, seed=0).module
+        args = (jax.random.normal(jax.random.key(1), (2, 16, 16, 3)),)
+        patterns = ["projection", "query"]
+    injected = _lora_injected(plain, patterns)
+    variables = injected.init(jax.random.key(0), *args)
+    out = injected.apply(variables, *args).last_hidden_state
+    folded = wrapkit.linen.fold(injected, variables, *args)
+    chex.assert_trees_all_close(
+        plain.apply(folded, *args).last_hidden_state, out, rtol=1e-5, atol=1e-5
+    )
+    summary = wrapkit.summary(injected, *args)
+    assert summary.unsupported == ()
+    assert summary.flops == xla_flops(injected.apply, variables, *args)
