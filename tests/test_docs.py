@@ -16,6 +16,7 @@ import pytest
 import wrapkit
 import wrapkit.flops
 import wrapkit.linen
+import wrapkit.nnx
 from wrapkit._summary.cli import main as wrapkit_main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -32,7 +33,11 @@ def public_names(module: types.ModuleType) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "name", public_names(wrapkit) + public_names(wrapkit.linen) + public_names(wrapkit.flops)
+    "name",
+    public_names(wrapkit)
+    + public_names(wrapkit.linen)
+    + public_names(wrapkit.flops)
+    + public_names(wrapkit.nnx),
 )
 def test_every_public_name_has_an_api_page(name):
     api = "\n".join(page.read_text() for page in (DOCS / "api").glob("*.md"))

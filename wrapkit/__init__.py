@@ -19,6 +19,16 @@ from ._summary.data import Summary as Summary
 from ._summary.data import VariableStats as VariableStats
 from ._summary.tabulate import tabulate as tabulate
 
+
+def __getattr__(name: str) -> object:
+    # wrapkit.nnx imports flax.nnx, which takes seconds: only on first use.
+    if name == "nnx":
+        import importlib
+
+        return importlib.import_module(".nnx", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 try:
     __version__ = _version("wrapkit")
 except _PackageNotFoundError:  # running from a source tree that was not installed

@@ -26,7 +26,7 @@ PROG = "python -m wrapkit"
 """How the usage line names the program; the ``wrapkit`` console script passes its own name."""
 
 _TARGET_HELP = (
-    "a zero-argument callable that returns a Linen module, as PACKAGE.MODULE:FACTORY "
+    "a zero-argument callable that returns a Linen or NNX module, as PACKAGE.MODULE:FACTORY "
     "(e.g. examples.gpt2:gpt2_small); the current directory is importable"
 )
 _INPUT_HELP = (
@@ -87,7 +87,7 @@ def _parsers(prog: str) -> argparse.ArgumentParser:
         "summary",
         help="a per-call table of a model: shapes, variables and FLOPs",
         description=(
-            "Summarise a Linen model from one abstract trace: every module call with its "
+            "Summarise a Linen or NNX model from one abstract trace: every module call with its "
             "input and output shapes, variables and FLOPs. Nothing is allocated."
         ),
     )
@@ -226,9 +226,12 @@ def _summary_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _public_methods(module: nn.Module) -> list[str]:
-    """The methods a module's class adds to ``nn.Module``'s, for a ``--method`` hint."""
-    inherited = set(dir(nn.Module))
+def _public_methods(module: Any) -> list[str]:
+    """The methods a module's class adds to ``nn.Module``'s (or ``nnx.Module``'s), for a
+    ``--method`` hint."""
+    nnx = sys.modules.get("flax.nnx")
+    base = nnx.Module if nnx is not None and isinstance(module, nnx.Module) else nn.Module
+    inherited = set(dir(base))
     # Looked up on the class, not the instance: nothing of the module runs.
     return [
         name
@@ -256,7 +259,7 @@ def _print_table(result: Summary, depth: int | None, width: int | None) -> None:
     rich.console.Console(width=max(needed, width or console.width)).print(table)
 
 
-def _load_module(target: str) -> nn.Module:
+def _load_module(target: str) -> Any:
     """Imports ``PACKAGE.MODULE:FACTORY`` and calls the factory."""
     form = "write PACKAGE.MODULE:FACTORY, e.g. examples.gpt2:gpt2_small"
     module_name, colon, factory_name = target.partition(":")
@@ -298,7 +301,7 @@ def _load_module(target: str) -> nn.Module:
             f"{target} is not callable (got {type(found).__name__}); FACTORY must be a "
             "zero-argument function (or class) that returns a Linen module"
         )
-    if isinstance(found, nn.Module):
+    if _is_module(found):
         raise _Failure(
             f"{target} is a {type(found).__name__} instance, not a factory; FACTORY must be a "
             "zero-argument function that returns the module"
@@ -316,12 +319,18 @@ def _load_module(target: str) -> nn.Module:
         module = found()
     except Exception as error:  # the factory is the user's code: report what it raised
         raise _Failure(f"{target}() raised {_one_line(error)}", _FAILED) from error
-    if not isinstance(module, nn.Module):
+    if not _is_module(module):
         raise _Failure(
             f"{target}() returned {type(module).__name__}, not a flax.linen.Module; "
             "FACTORY must return a Linen module"
         )
     return module
+
+
+def _is_module(value: Any) -> bool:
+    """A Linen module, or an NNX one (flax.nnx is looked at only once it is imported)."""
+    nnx = sys.modules.get("flax.nnx")
+    return isinstance(value, nn.Module) or (nnx is not None and isinstance(value, nnx.Module))
 
 
 def _one_line(error: Exception) -> str:

@@ -11,12 +11,12 @@ from typing import Any
 import jax
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal
-from jax.extend.source_info_util import new_name_stack
 
 # jax lowers a jit only after dropping dead code, so XLA never sees (or costs) it. The DCE pass
 # is public only through jax.interpreters.
 from jax.interpreters import partial_eval as pe
 
+from .._name_stack import scopes as _scopes
 from .._warnings import warn
 from ._rules import _ELEMENTWISE, _RULES, ZERO_COST, Cost, FlopRule
 
@@ -24,10 +24,6 @@ __all__ = ["FlopCount", "UnsupportedPrimitiveWarning", "count", "count_jaxpr"]
 
 # on_cost(scopes, primitive, cost), called once per costed leaf equation.
 OnCost = Callable[[tuple[str, ...], str, Cost], object]
-
-# The class of the name-stack entries made by `jax.named_scope` and module names, as opposed to
-# transform entries (jvp, transpose, vmap).
-_SCOPE = type(new_name_stack("scope").stack[0])
 
 
 class UnsupportedPrimitiveWarning(UserWarning):
@@ -130,10 +126,6 @@ class _Tally:
             branches=self.branches,
             rng_bits=self.rng_bits,
         )
-
-
-def _scopes(eqn: JaxprEqn) -> tuple[str, ...]:
-    return tuple(entry.name for entry in eqn.source_info.name_stack.stack if type(entry) is _SCOPE)
 
 
 def _open(jaxpr: Jaxpr | ClosedJaxpr) -> Jaxpr:

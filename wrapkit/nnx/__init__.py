@@ -1,0 +1,21 @@
+"""Tools for Flax NNX modules; importing this registers flax's NNX wrappers.
+
+``nnx.WeightNorm`` and ``nnx.SpectralNorm`` wrap their ``layer_instance``, ``nnx.LoRA`` its
+``base_module`` (``None`` when the LoRA was built without one), each delegating
+``__call__``. ``import wrapkit`` does not import ``flax.nnx`` (about two seconds); this
+package is imported on first use of ``wrapkit.nnx`` and by ``wrapkit.summary`` of an NNX
+module.
+"""
+
+from operator import attrgetter as _attrgetter
+
+from flax import nnx as _nnx
+
+from .._protocol import register_wrapper as _register_wrapper
+from .._summary.tabulate_nnx import tabulate as tabulate
+
+# flax's own NNX wrappers, so that tools asking wrapkit see through them too. By function:
+# NNX's metaclass hides the constructors' parameters from the attribute-name check.
+_register_wrapper(_nnx.WeightNorm, inner=_attrgetter("layer_instance"))
+_register_wrapper(_nnx.SpectralNorm, inner=_attrgetter("layer_instance"))
+_register_wrapper(_nnx.LoRA, inner=_attrgetter("base_module"))
