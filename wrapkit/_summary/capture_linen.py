@@ -391,16 +391,8 @@ class _Linen:
         return result if self.mutable is not False else (result, {})
 
     def top(self, calls: list[engine.Call]) -> engine.Call:
-        method = self.method
-        return engine.Call(
-            id=engine.new_call_id(),
-            path=(),
-            module_type=self.name,
-            method=getattr(method, "__name__", None) or str(method or "__call__"),
-            wrapper=is_wrapper(self.module),
-            inputs=_abstract(self.call),
-            children=calls,
-        )
+        wrapper = is_wrapper(self.module)
+        return engine.top_call(self.name, self.method, wrapper, _abstract(self.call), calls)
 
     def variables(
         self, recorder: engine.Recorder, calls: Sequence[engine.Call]

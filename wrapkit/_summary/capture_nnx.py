@@ -286,16 +286,8 @@ class _Nnx:
         return output, nnx.state(model)
 
     def top(self, calls: list[engine.Call]) -> engine.Call:
-        method = self.method
-        return engine.Call(
-            id=engine.new_call_id(),
-            path=(),
-            module_type=self.name,
-            method=getattr(method, "__name__", None) or str(method or "__call__"),
-            wrapper=is_wrapper(self.model),
-            inputs=_abstract(self.call),
-            children=calls,
-        )
+        wrapper = is_wrapper(self.model)
+        return engine.top_call(self.name, self.method, wrapper, _abstract(self.call), calls)
 
     def variables(
         self, recorder: engine.Recorder, calls: Sequence[engine.Call]

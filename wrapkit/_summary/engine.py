@@ -68,6 +68,19 @@ class Call:
     nested: bool = False
 
 
+def top_call(name: str, method: Any, wrapper: bool, inputs: Any, calls: list[Call]) -> Call:
+    """One row above the calls of a ``method=`` that calls several methods (a function)."""
+    return Call(
+        id=new_call_id(),
+        path=(),
+        module_type=name,
+        method=getattr(method, "__name__", None) or str(method or "__call__"),
+        wrapper=wrapper,
+        inputs=inputs,
+        children=calls,
+    )
+
+
 class Recorder:
     """The call tree of one trace: what a front end's method hook adds calls to."""
 
