@@ -14,6 +14,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from ._numerics import reduction_axes
+
 
 def raise_collected(
     subject: str, problems: Sequence[str], error: type[Exception], separator: str = " "
@@ -96,3 +98,43 @@ def feature_axes_error(axes: Any, none_means: str) -> str | None:
         f"({type(axes).__name__}). Pass e.g. feature_axes=-1 (the last axis, a kernel's "
         f"output features), feature_axes=(0, -1), or None for {none_means}."
     )
+
+
+def reduction_axes_checked(
+    subject: str,
+    path: str,
+    shape: tuple[int, ...],
+    feature_axes: Any,
+    *,
+    over: str,
+    otherwise: str,
+    none_gives: str,
+    none_fix: str,
+) -> tuple[int, ...]:
+    """The axes of a variable a wrapper reduces over: all but ``feature_axes``.
+
+    Raises, naming ``subject`` and the variable, when ``feature_axes`` is out of range for
+    ``shape``, or leaves no axis to reduce (a scalar; ``feature_axes`` covering every axis),
+    where the wrapper would silently do nothing useful: ``over`` says what the wrapper does
+    over the axes (``"standardise over"``), ``otherwise`` what would happen instead, and
+    ``none_gives`` / ``none_fix`` what ``feature_axes=None`` gives for a variable and for
+    this one (``"one grid per variable"``, ``"one grid over it"``).
+    """
+    ndim = len(shape)
+    axes = reduction_axes(ndim, feature_axes)
+    if axes is None:
+        raise ValueError(
+            f"{subject}: feature_axes={feature_axes!r} is out of range for {path!r} of shape "
+            f"{shape}. Use axes in [{-ndim}, {ndim - 1}], or feature_axes=None for "
+            f"{none_gives}."
+        )
+    if not axes:
+        covered, other_fix = "", ""
+        if ndim:
+            covered = f" (feature_axes={feature_axes!r} covers all its axes)"
+            other_fix = f", or use feature_axes=None for {none_fix}"
+        raise ValueError(
+            f"{subject}: {path!r} of shape {shape} has no axis to {over}{covered}, "
+            f"{otherwise}. Leave it out of variable_filter (e.g. {{'kernel'}}){other_fix}."
+        )
+    return axes

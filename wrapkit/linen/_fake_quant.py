@@ -12,8 +12,8 @@ from flax.linen.dtypes import canonicalize_dtype
 from flax.typing import Dtype
 
 from .._filters import VariableFilter
-from .._numerics import fake_quantize, reduction_axes
-from .._problems import feature_axes_error, is_bool, is_index
+from .._numerics import fake_quantize
+from .._problems import feature_axes_error, is_bool, is_index, reduction_axes_checked
 from ._wrapper import Inverse, Leaf, Wrapper, _describe
 
 # No integer format wider than int16 is used for quantised weights, and a finer grid is
@@ -143,26 +143,17 @@ class FakeQuant(Wrapper):
                 f"{_describe(self)}: {leaf.path!r} is {value.dtype}, but fake quantisation "
                 "needs real weights. Leave it out of variable_filter."
             )
-        axes = reduction_axes(value.ndim, self.feature_axes)
-        if axes is None:
-            raise ValueError(
-                f"{_describe(self)}: feature_axes={self.feature_axes!r} is out of range for "
-                f"{leaf.path!r} of shape {value.shape}. Use axes in [{-value.ndim}, "
-                f"{value.ndim - 1}], or feature_axes=None for one grid per variable."
-            )
-        if not axes:
-            # A scalar, or feature_axes covering every axis: each element would span its
-            # own grid and come out as it went in, silently unquantised.
-            covered, other_fix = "", ""
-            if value.ndim:
-                covered = f" (feature_axes={self.feature_axes!r} covers all its axes)"
-                other_fix = ", or use feature_axes=None for one grid over it"
-            raise ValueError(
-                f"{_describe(self)}: {leaf.path!r} of shape {value.shape} has no axis to "
-                f"take a grid over{covered}, so each element would be a grid of its own and "
-                f"stay unquantised. Leave it out of variable_filter (e.g. {{'kernel'}})"
-                f"{other_fix}."
-            )
+        axes = reduction_axes_checked(
+            _describe(self),
+            leaf.path,
+            value.shape,
+            self.feature_axes,
+            # Each element would span its own grid and come out as it went in.
+            over="take a grid over",
+            otherwise="so each element would be a grid of its own and stay unquantised",
+            none_gives="one grid per variable",
+            none_fix="one grid over it",
+        )
         # The grid and the rounding run in at least float32; the result is cast once.
         dtype = canonicalize_dtype(leaf.value, dtype=self.dtype)
         return fake_quantize(value, self.bits, symmetric=self.symmetric, axis=axes, dtype=dtype)

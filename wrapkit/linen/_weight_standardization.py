@@ -15,8 +15,8 @@ from flax.linen.dtypes import canonicalize_dtype
 from flax.typing import Dtype
 
 from .._filters import VariableFilter
-from .._numerics import reduction_axes, standardize
-from .._problems import dtype_error, feature_axes_error
+from .._numerics import standardize
+from .._problems import dtype_error, feature_axes_error, reduction_axes_checked
 from ._wrapper import Leaf, Wrapper, _describe
 
 
@@ -100,26 +100,17 @@ class WeightStandardization(Wrapper):
 
     def transform(self, leaf: Leaf) -> jax.Array:
         value = jnp.asarray(leaf.value)
-        axes = reduction_axes(value.ndim, self.feature_axes)
-        if axes is None:
-            raise ValueError(
-                f"{_describe(self)}: feature_axes={self.feature_axes!r} is out of range for "
-                f"{leaf.path!r} of shape {value.shape}. Use axes in [{-value.ndim}, "
-                f"{value.ndim - 1}], or feature_axes=None for one mean and variance over "
-                "the whole variable."
-            )
-        if not axes:
-            # A scalar, or feature_axes covering every axis: each element would be its own
-            # mean, so the variable would silently become zeros.
-            covered, other_fix = "", ""
-            if value.ndim:
-                covered = f" (feature_axes={self.feature_axes!r} covers all its axes)"
-                other_fix = ", or use feature_axes=None for one mean and variance over it"
-            raise ValueError(
-                f"{_describe(self)}: {leaf.path!r} of shape {value.shape} has no axis to "
-                f"standardise over{covered}, so it would become zeros. Leave it out of "
-                f"variable_filter (e.g. {{'kernel'}}){other_fix}."
-            )
+        axes = reduction_axes_checked(
+            _describe(self),
+            leaf.path,
+            value.shape,
+            self.feature_axes,
+            # Each element would be its own mean: the variable would silently become zeros.
+            over="standardise over",
+            otherwise="so it would become zeros",
+            none_gives="one mean and variance over the whole variable",
+            none_fix="one mean and variance over it",
+        )
         # The moments run in at least float32; the result is cast once (see _numerics).
         dtype = canonicalize_dtype(leaf.value, dtype=self.dtype)
         return standardize(value, axis=axes, eps=self.epsilon, dtype=dtype)
