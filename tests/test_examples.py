@@ -6,6 +6,7 @@ import importlib.util
 import math
 import pathlib
 import sys
+import types
 
 import chex
 import jax
@@ -229,11 +230,21 @@ def test_docstring_examples(module):
     assert tried > 0 and failures == 0
 
 
+def _load_script(name: str, folder: str, file: str) -> types.ModuleType:
+    """A script of examples/ or benchmarks/ (folders of scripts, not packages) as a module.
+
+    It is registered in ``sys.modules`` first: the flax modules it defines are dataclasses,
+    which look their module up there.
+    """
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_summary_benchmark_quick_smoke():
-    path = ROOT / "benchmarks" / "summary.py"
-    spec = importlib.util.spec_from_file_location("summary_benchmark", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = _load_script("summary_benchmark", "benchmarks", "summary.py")
     figures = benchmark.main(["--quick", "--repeats", "1"])
     for name in ("flax / wrapkit", "wrapkit / make_jaxpr", "depth", "llama peak MB"):
         assert math.isfinite(figures[name]) and figures[name] > 0, name
@@ -241,11 +252,7 @@ def test_summary_benchmark_quick_smoke():
 
 def test_lora_benchmark_figures_hold():
     """The unmerged form costs what a hand-written one does, and 1.9x less than merged."""
-    path = ROOT / "benchmarks" / "lora.py"
-    spec = importlib.util.spec_from_file_location("lora_benchmark", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = benchmark  # its flax modules are dataclasses
-    spec.loader.exec_module(benchmark)
+    benchmark = _load_script("lora_benchmark", "benchmarks", "lora.py")
     dense = benchmark.dense_figure()
     ours, hand = dense["wrapkit LoRA (unmerged)"], dense["hand-written unmerged"]
     merged = dense["hand-written materialised"]
@@ -256,12 +263,7 @@ def test_lora_benchmark_figures_hold():
 
 
 def test_a_4_bit_fake_quant_mlp_tracks_the_float_one():
-    spec = importlib.util.spec_from_file_location(
-        "fake_quant_mlp", ROOT / "examples" / "fake_quant_mlp.py"
-    )
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example
-    spec.loader.exec_module(example)
+    example = _load_script("fake_quant_mlp", "examples", "fake_quant_mlp.py")
     losses = example.run(steps=200, bits=4)
     plain, quantised = losses["float32"], losses["4-bit"]
     assert quantised[0] == pytest.approx(plain[0], rel=0.05)  # the same start, nearly
@@ -271,12 +273,7 @@ def test_a_4_bit_fake_quant_mlp_tracks_the_float_one():
 
 
 def test_a_weight_norm_cnn_initialised_from_data_trains():
-    spec = importlib.util.spec_from_file_location(
-        "weight_norm_cnn", ROOT / "examples" / "weight_norm_cnn.py"
-    )
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example
-    spec.loader.exec_module(example)
+    example = _load_script("weight_norm_cnn", "examples", "weight_norm_cnn.py")
     result = example.run(steps=60)
     for mean, std in result.after:
         assert abs(mean) < 1e-3 and abs(std - 1) < 1e-2
@@ -285,12 +282,7 @@ def test_a_weight_norm_cnn_initialised_from_data_trains():
 
 
 def test_lora_fine_tuning_injected_by_pattern_trains_only_the_adapters():
-    spec = importlib.util.spec_from_file_location(
-        "lora_finetune", ROOT / "examples" / "lora_finetune.py"
-    )
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example
-    spec.loader.exec_module(example)
+    example = _load_script("lora_finetune", "examples", "lora_finetune.py")
     result = example.run(steps=60)
     assert result.losses[-1] < 0.9 * result.losses[0]
     assert result.base_unchanged
@@ -299,11 +291,6 @@ def test_lora_fine_tuning_injected_by_pattern_trains_only_the_adapters():
 
 
 def test_wrapped_train_steps_compile_to_the_flops_of_hand_written_ones():
-    spec = importlib.util.spec_from_file_location(
-        "train_step_benchmark", ROOT / "benchmarks" / "train_step.py"
-    )
-    benchmark = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = benchmark
-    spec.loader.exec_module(benchmark)
+    benchmark = _load_script("train_step_benchmark", "benchmarks", "train_step.py")
     for kind, result in benchmark.main(["--quick", "--rounds", "1"]).items():
         assert result["wrapkit flops"] == result["hand flops"] > 0, kind
