@@ -11,6 +11,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -138,3 +139,36 @@ def reduction_axes_checked(
             f"{otherwise}. Leave it out of variable_filter (e.g. {{'kernel'}}){other_fix}."
         )
     return axes
+
+
+@jax.tree_util.register_pytree_node_class
+class Unreadable:
+    """Stands for a variable that a method which is not delegated must not read.
+
+    It is a pytree with no leaves, so it passes through flax's lifting and jax transforms
+    untouched; using it as an array raises the error that names the fix.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def tree_flatten(self) -> tuple[tuple[()], str]:
+        return (), self.message
+
+    @classmethod
+    def tree_unflatten(cls, message: str, children: Any) -> Unreadable:
+        return cls(message)
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(self.message)
+
+    # __getitem__: an NNX Variable's value is read as variable[...].
+    __jax_array__ = __array__ = __getitem__ = _refuse
+
+    @property
+    def shape(self) -> Any:
+        return self._refuse()
+
+    @property
+    def dtype(self) -> Any:
+        return self._refuse()

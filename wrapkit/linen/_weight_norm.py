@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any, SupportsIndex
 
@@ -13,9 +12,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import canonicalize_dtype
 from flax.typing import Dtype, Initializer
 
-from .._numerics import canonical_axes, compute_dtype, l2_normalize, norm_floor
-from .._problems import dtype_error, epsilon_error, feature_axes_error, is_bool
-from .._warnings import warn
+from .._family import weight_norm
 from ._wrapper import Inverse, Leaf, Wrapper, _describe
 
 
@@ -74,77 +71,25 @@ class WeightNorm(Wrapper):
     variable_filter: Iterable[Any] | None = dataclasses.field(default_factory=lambda: {"kernel"})
 
     def argument_errors(self) -> list[str]:
-        problems = []
-        if (error := feature_axes_error(self.feature_axes, "one norm over all axes")) is not None:
-            problems.append(error)
-        if (error := epsilon_error(self.epsilon)) is not None:
-            problems.append(error)
-        if not is_bool(self.use_scale):
-            problems.append(
-                f"use_scale must be True or False, got {self.use_scale!r}. Pass "
-                "use_scale=False for unit-norm weights without a learned scale."
-            )
-        if not callable(self.scale_init):
-            constant = (
-                self.scale_init
-                if isinstance(self.scale_init, numbers.Real)
-                and not isinstance(self.scale_init, bool)
-                else 1.0
-            )
-            problems.append(
-                "scale_init must be an initializer called as scale_init(key, shape, dtype) "
-                f"-> array, got {self.scale_init!r} ({type(self.scale_init).__name__}). For a "
-                f"constant scale, pass scale_init=nn.initializers.constant({constant!r})."
-            )
-        dtype_errors = (
-            dtype_error("dtype", self.dtype, optional=True),
-            dtype_error("param_dtype", self.param_dtype, optional=False),
-        )
-        return problems + [error for error in dtype_errors if error is not None]
+        return weight_norm.problems(self, "nn.initializers.constant")
 
     @nn.nowrap
     def _axes(self, leaf: Leaf) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The feature axes of ``leaf`` (one norm and scale each) and the axes reduced."""
-        ndim = jnp.ndim(leaf.value)
-        if self.feature_axes is None:
-            feature_axes: tuple[int, ...] = ()
-        else:
-            found = canonical_axes(ndim, self.feature_axes)
-            if found is None:
-                raise ValueError(
-                    f"{_describe(self)}: feature_axes="
-                    f"{self.feature_axes!r} is out of range for {leaf.path!r} of shape "
-                    f"{jnp.shape(leaf.value)}. Use axes in [{-ndim}, {ndim - 1}], or "
-                    "feature_axes=None for one norm over all axes."
-                )
-            feature_axes = found
-        return feature_axes, tuple(axis for axis in range(ndim) if axis not in feature_axes)
+        return weight_norm.axes(
+            _describe(self), leaf.path, tuple(jnp.shape(leaf.value)), self.feature_axes
+        )
 
     def transform(self, leaf: Leaf) -> jax.Array:
         value = jnp.asarray(leaf.value)
         feature_axes, reduction_axes = self._axes(leaf)
-        scale_name = f"{leaf.path}/scale"
-        if not reduction_axes:
-            # Normalising each element by its own magnitude leaves sign(x): flax (and torch's
-            # weight_norm) define it so, and checkpoints depend on it; say so instead.
-            warn(
-                f"{_describe(self)}: {leaf.path!r} of shape "
-                f"{value.shape} has no axis to normalise over (feature_axes="
-                f"{self.feature_axes!r} covers all its axes), so it becomes sign(value) * "
-                "scale, as in flax. To keep it as it is, leave it out of variable_filter "
-                "(e.g. {'kernel'}); for one norm over all axes, use feature_axes=None."
-            )
-
-        feature_shape = [1] * value.ndim
-        for axis in feature_axes:
-            feature_shape[axis] = value.shape[axis]
-        # The norm runs in at least float32 and the result is cast once, at the end
-        # (see _numerics); in float32 these are flax's operations in flax's order.
-        value_bar = l2_normalize(
-            value, axis=reduction_axes, eps=self.epsilon, dtype=compute_dtype(value.dtype)
+        weight_norm.warn_if_elementwise(
+            _describe(self), leaf.path, value.shape, self.feature_axes, reduction_axes
         )
         inputs = [leaf.value]
+        scale = None
         if self.use_scale:
+            scale_name = f"{leaf.path}/scale"
             legacy_name = f"{leaf.path}/value/scale"
             if leaf.metadata is not None and self.has_variable("params", legacy_name):
                 # flax's WeightNorm names the scale of a boxed kernel ".../value/scale".
@@ -155,15 +100,15 @@ class WeightNorm(Wrapper):
 
             reduced_shape = [value.shape[axis] for axis in feature_axes]
             scale = self.param(scale_name, init, reduced_shape, self.param_dtype)
-            scale = scale.reshape(feature_shape)
-            value_bar *= scale
             inputs.append(scale)
-        return jnp.asarray(value_bar, canonicalize_dtype(*inputs, dtype=self.dtype))
+        dtype = canonicalize_dtype(*inputs, dtype=self.dtype)
+        return weight_norm.normalized(
+            value, scale, feature_axes, reduction_axes, self.epsilon, dtype
+        )
 
     def invert(self, leaf: Leaf) -> Inverse:
         # Salimans & Kingma's reparametrisation of a given weight w: v = w and g = ||w||,
-        # the norm exactly as transform divides by it (epsilon, float16 floor), so that
-        # g * v / ||v|| gives w back to rounding.
+        # so that g * v / ||v|| gives w back to rounding.
         value = jnp.asarray(leaf.value)
         _, reduction_axes = self._axes(leaf)
         if not self.use_scale:
@@ -173,10 +118,5 @@ class WeightNorm(Wrapper):
                 f"of unit norm over the axes {reduction_axes}; build it with use_scale=True "
                 "to keep the pretrained norms as scales.",
             )
-        wide = value.astype(compute_dtype(value.dtype))
-        squared_norm = jnp.real(wide * jnp.conj(wide)).sum(axis=reduction_axes)
-        floor = norm_floor(value.dtype)
-        if floor is not None:
-            squared_norm = jnp.maximum(squared_norm, floor)
-        scale = jnp.sqrt(squared_norm + self.epsilon)
+        scale = weight_norm.scale_of(value, reduction_axes, self.epsilon)
         return Inverse(value, {"params": {f"{leaf.path}/scale": scale}})

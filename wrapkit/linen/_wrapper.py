@@ -35,7 +35,7 @@ from flax.linen.transforms import get_module_scopes, lift_transform
 from .. import _filters
 from .._filters import VariableFilter
 from .._name_stack import current_name_stack, set_name_stack
-from .._problems import raise_collected
+from .._problems import Unreadable, raise_collected
 from .._protocol import check_delegates, unwrap
 from .._unmerged import DeltaSource, LowRank, call_unmerged
 
@@ -714,38 +714,6 @@ def _variable_scope(inner: nn.Module, scope_name: str) -> tuple[str, ...]:
     return (*inner.path[:-1], *scope_name.split("/"))
 
 
-@jax.tree_util.register_pytree_node_class
-class _Unreadable:
-    """Stands for a variable that a method which is not delegated must not read.
-
-    It is a pytree with no leaves, so it passes through flax's lifting and jax transforms
-    untouched; using it as an array raises the error that names the fix.
-    """
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-    def tree_flatten(self) -> tuple[tuple[()], str]:
-        return (), self.message
-
-    @classmethod
-    def tree_unflatten(cls, message: str, children: Any) -> _Unreadable:
-        return cls(message)
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(self.message)
-
-    __jax_array__ = __array__ = _refuse
-
-    @property
-    def shape(self) -> Any:
-        return self._refuse()
-
-    @property
-    def dtype(self) -> Any:
-        return self._refuse()
-
-
 class _View:
     """The ``trans_in_fn`` of a delegated call: called once per mapped scope, in order."""
 
@@ -794,7 +762,7 @@ class _View:
                 continue
             self.selected[index] += 1
             if not applied.delegated:
-                return _Unreadable(
+                return Unreadable(
                     f"{_describe(applied.wrapper)} does not delegate {self.method!r}, and "
                     f"{type(self.inner).__name__}.{self.method} reads {collection}/{path}, "
                     f"which {type(applied.wrapper).__name__} transforms: run on the raw "

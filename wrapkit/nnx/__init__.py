@@ -13,6 +13,10 @@ from flax import nnx as _nnx
 
 from .._protocol import register_wrapper as _register_wrapper
 from .._summary.tabulate_nnx import tabulate as tabulate
+from ._weight_norm import WeightNorm as WeightNorm
+from ._wrapper import Inverse as Inverse
+from ._wrapper import Leaf as Leaf
+from ._wrapper import Wrapper as Wrapper
 
 # flax's own NNX wrappers, so that tools asking wrapkit see through them too. By function:
 # NNX's metaclass hides the constructors' parameters from the attribute-name check.
