@@ -406,7 +406,8 @@ def test_every_invalid_option_is_reported_at_once():
         {"feature_axes": [np.int32(0), -1]},
         {"scale_init": nn.initializers.constant(2.0)},
     ],
-    ids=str,
+    # No addresses in ids: pytest-xdist workers must collect the same names.
+    ids=lambda options: ",".join(options),
 )
 def test_valid_options_are_accepted(options):
     WeightNorm(nn.Dense(3), **options)

@@ -61,7 +61,10 @@ def norm_floor(dtype: Any) -> float | None:
 
 
 def _squared_magnitude(x: jax.Array) -> jax.Array:
-    # For real x, conj and real emit no operation: the float32 path is flax's x * x.
+    # For real x this is flax's x * x. (Traced, jnp.conj and jnp.real of a real array emit
+    # no operation; run eagerly each copies the array, so real x skips them.)
+    if not jnp.iscomplexobj(x):
+        return x * x
     return jnp.real(x * jnp.conj(x))
 
 

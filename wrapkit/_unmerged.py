@@ -124,7 +124,7 @@ class DeltaSource:
                     f"{self.describe}: {where} contracts axes {sorted(input_axes)} of the "
                     f"weight and keeps {list(output_axes)}, but feature_axes="
                     f"{self.feature_axes} says its output axes are {sorted(wanted)}. Pass "
-                    f"feature_axes={output_axes} (or leave it unset to infer it)."
+                    f"feature_axes={output_axes}."
                 )
             output_axes = tuple(sorted(wanted))
             input_axes = {axis for axis in range(ndim) if axis not in wanted | shared}

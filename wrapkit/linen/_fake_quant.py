@@ -4,38 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, SupportsIndex
+from typing import SupportsIndex
 
 import jax
-import jax.numpy as jnp
-from flax.linen.dtypes import canonicalize_dtype
 from flax.typing import Dtype
 
+from .._family import fake_quant
 from .._filters import VariableFilter
-from .._numerics import fake_quantize
-from .._problems import feature_axes_error, is_bool, is_index, reduction_axes_checked
 from ._wrapper import Inverse, Leaf, Wrapper, _describe
-
-# No integer format wider than int16 is used for quantised weights, and a finer grid is
-# below the precision of float16 and bfloat16 weights (2**-11 and 2**-8 relative).
-MAX_BITS = 16
-
-
-def _real_dtype_error(value: Any) -> str | None:
-    """Why ``value`` is not ``None`` or a real floating-point dtype, or ``None``."""
-    if value is None:
-        return None
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError:
-        dtype = None
-    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
-        return None
-    got = f"the dtype {dtype}" if dtype is not None else repr(value)
-    return (
-        f"dtype must be None or a real floating-point dtype, got {got}: quantised weights "
-        "are real. Pass e.g. dtype=jnp.float32 or dtype=jnp.bfloat16."
-    )
 
 
 class FakeQuant(Wrapper):
@@ -105,67 +81,20 @@ class FakeQuant(Wrapper):
     )
 
     def argument_errors(self) -> list[str]:
-        problems = []
-        bits = self.bits
-        if not is_index(bits):
-            problems.append(
-                f"bits must be an int from 2 to {MAX_BITS}, got {bits!r} "
-                f"({type(bits).__name__}). Pass e.g. bits=8."
-            )
-        elif bits < 2:
-            problems.append(
-                f"bits must be an int from 2 to {MAX_BITS}, got {bits}: a symmetric 1-bit grid "
-                "holds only the integer 0. Pass e.g. bits=8, or bits=2 for ternary weights "
-                "(-1, 0, 1 times the scale)."
-            )
-        elif bits > MAX_BITS:
-            problems.append(
-                f"bits must be an int from 2 to {MAX_BITS}, got {bits}: no integer format wider "
-                "than int16 is used for quantised weights, and a finer grid is below the "
-                f"precision of float16 and bfloat16 weights. Pass bits={MAX_BITS} at most, or "
-                "leave the layer unwrapped."
-            )
-        if not is_bool(self.symmetric):
-            problems.append(
-                f"symmetric must be True or False, got {self.symmetric!r}. Pass "
-                "symmetric=False for an asymmetric (min/max, zero-point) grid."
-            )
-        if (error := feature_axes_error(self.feature_axes, "one grid per variable")) is not None:
-            problems.append(error)
-        if (error := _real_dtype_error(self.dtype)) is not None:
-            problems.append(error)
-        return problems
+        return fake_quant.problems(self)
 
     def transform(self, leaf: Leaf) -> jax.Array:
-        value = jnp.asarray(leaf.value)
-        if jnp.iscomplexobj(value):
-            raise TypeError(
-                f"{_describe(self)}: {leaf.path!r} is {value.dtype}, but fake quantisation "
-                "needs real weights. Leave it out of variable_filter."
-            )
-        axes = reduction_axes_checked(
+        return fake_quant.quantized(
             _describe(self),
             leaf.path,
-            value.shape,
+            leaf.value,
             self.feature_axes,
-            # Each element would span its own grid and come out as it went in.
-            over="take a grid over",
-            otherwise="so each element would be a grid of its own and stay unquantised",
-            none_gives="one grid per variable",
-            none_fix="one grid over it",
+            self.bits,
+            self.symmetric,
+            self.dtype,
         )
-        # The grid and the rounding run in at least float32; the result is cast once.
-        dtype = canonicalize_dtype(leaf.value, dtype=self.dtype)
-        return fake_quantize(value, self.bits, symmetric=self.symmetric, axis=axes, dtype=dtype)
 
     def invert(self, leaf: Leaf) -> Inverse:
         # The grid is taken from the weights themselves, so the raw weight is the pretrained
         # one: a weight on its own grid (a folded FakeQuant model) comes back exactly.
-        return Inverse(
-            leaf.value,
-            caveat=(
-                f"FakeQuant({self.bits} bits) reproduces only weights that lie on their own "
-                "quantisation grid; pass exact=False to start quantisation-aware training "
-                "from float weights."
-            ),
-        )
+        return Inverse(leaf.value, caveat=fake_quant.inverse_caveat(self.bits))

@@ -141,14 +141,15 @@ class _Pattern:
         return getattr(self.given, "__name__", repr(self.given))
 
 
-def _string_pattern(text: str) -> Callable[[Path, nn.Module], bool]:
+def _string_pattern(text: str) -> Callable[[Path, Any], bool]:
     # Element rules are the variable filters' (whole elements, Name -> Name_<n>, globs); a
     # module pattern is anchored at the end of the path, as PEFT's target_modules, so that
     # "attn" does not also match everything below attn. A leading "/" anchors the start.
     anchored = text.startswith("/")
     parts = [_filters._element_matcher(part) for part in text.strip("/").split("/")]
 
-    def matches(path: Path, module: nn.Module) -> bool:
+    # The module is not read: wrapkit.nnx.inject matches NNX modules' paths with it too.
+    def matches(path: Path, module: Any) -> bool:
         if len(path) < len(parts) or (anchored and len(path) != len(parts)):
             return False
         tail = path[len(path) - len(parts) :]
@@ -865,7 +866,9 @@ class InjectReport:
         unwrappable: submodules that matched but cannot be wrapped, and why.
         added: the keys of the wrappers' own variables, as ``flax.traverse_util.flatten_dict``
             gives them (``("params", "h", "0", "attn", "WeightNorm", "c_attn/kernel/scale")``):
-            merge these into a checkpoint of the model.
+            merge these into a checkpoint of the model. From
+            [`wrapkit.nnx.inject`][wrapkit.nnx.inject], their paths in
+            ``nnx.state(model)`` (``("h", 0, "attn", "c_attn", "scale", "kernel")``).
         original_params: parameters of the model itself (collection ``params``).
         added_params: parameters the wrappers add.
         trainable_params: ``original_params + added_params``, or only ``added_params`` for
@@ -876,7 +879,7 @@ class InjectReport:
     matched: Mapping[str, tuple[str, ...]]
     wrapped: Mapping[str, str]
     unwrappable: Mapping[str, str]
-    added: tuple[tuple[str, ...], ...]
+    added: tuple[tuple[Any, ...], ...]  # NNX paths hold list indices too
     original_params: int
     added_params: int
     trainable_params: int

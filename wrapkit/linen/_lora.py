@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any, SupportsIndex
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 
-from .._numerics import canonical_axes, dropout, lora_scale
-from .._problems import dtype_error, is_bool, is_index
+from .._family import lora
+from .._numerics import lora_scale
 from .._unmerged import LowRank
 from ._wrapper import Inverse, Leaf, Wrapper, _describe
 
@@ -112,54 +109,9 @@ class LoRA(Wrapper):
         return lora_scale(self.rank, self.alpha, rslora=self.rslora)
 
     def argument_errors(self) -> list[str]:
-        problems = []
-        if not (is_index(self.rank) and self.rank >= 1):
-            problems.append(f"rank must be a positive int, got {self.rank!r}. Pass e.g. rank=8.")
-        alpha = self.alpha
-        if alpha is not None and not (
-            isinstance(alpha, numbers.Real)
-            and not is_bool(alpha)
-            and math.isfinite(alpha)
-            and alpha > 0
-        ):
-            problems.append(
-                f"alpha must be a positive number or None (alpha = rank), got {alpha!r}. "
-                "Pass e.g. alpha=16."
-            )
-        rate = self.dropout_rate
-        if not (isinstance(rate, numbers.Real) and not is_bool(rate) and 0 <= rate < 1):
-            problems.append(
-                f"dropout_rate must be a number in [0, 1), got {rate!r}. Pass 0.0 for no "
-                "dropout on the adapter path."
-            )
-        elif rate > 0 and not is_bool(self.deterministic):
-            problems.append(
-                f"dropout_rate={rate!r} needs deterministic=True or False (got "
-                f"{self.deterministic!r}): False applies dropout (and needs a 'dropout' "
-                "PRNG key), True turns it off for evaluation."
-            )
-        for name in ("rslora", "freeze_base", "materialize"):
-            if not is_bool(getattr(self, name)):
-                problems.append(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        for name in ("a_init", "b_init"):
-            if not callable(getattr(self, name)):
-                problems.append(
-                    f"{name} must be an initializer called as {name}(key, shape, dtype), got "
-                    f"{getattr(self, name)!r}. Pass e.g. nn.initializers.zeros."
-                )
-        axes = self.feature_axes
-        if not (
-            axes is None
-            or is_index(axes)
-            or (isinstance(axes, Sequence) and axes and all(is_index(axis) for axis in axes))
-        ):
-            problems.append(
-                f"feature_axes must be None (inferred), an int or a non-empty tuple of ints, "
-                f"got {axes!r}."
-            )
-        if (error := dtype_error("param_dtype", self.param_dtype, optional=False)) is not None:
-            problems.append(error)
-        return problems
+        return lora.problems(
+            self, "nn.initializers.zeros", axes_from_use=True, deterministic_later=False
+        )
 
     def delta_feature_axes(self, leaf: Leaf) -> tuple[int, ...] | None:
         ndim = jnp.ndim(leaf.value)
@@ -167,14 +119,9 @@ class LoRA(Wrapper):
             # An embedding table's rows are its inputs, whether it is looked up (rows
             # indexed) or attended to (rows are the outputs of q @ table.T).
             return (ndim - 1,) if isinstance(self.layer_instance, nn.Embed) else None
-        axes = canonical_axes(ndim, self.feature_axes)
-        if axes is None or len(axes) == ndim:
-            raise ValueError(
-                f"{_describe(self)}: feature_axes={self.feature_axes!r} does not leave an "
-                f"input axis of {leaf.path!r} of shape {jnp.shape(leaf.value)}. Use output "
-                f"axes in [{-ndim}, {ndim - 1}] that are not all of them, or None to infer."
-            )
-        return axes
+        return lora.output_axes(
+            _describe(self), leaf.path, jnp.shape(leaf.value), self.feature_axes, inferable=True
+        )
 
     def low_rank(
         self,
@@ -184,17 +131,10 @@ class LoRA(Wrapper):
         shared_axes: tuple[int, ...] = (),
     ) -> LowRank:
         shape = jnp.shape(leaf.value)
-        fan_in = math.prod(shape[axis] for axis in input_axes)
-        fan_out = math.prod(shape[axis] for axis in output_axes)
-        if self.rank > min(fan_in, fan_out):
-            raise ValueError(
-                f"{_describe(self)}: rank={self.rank} is larger than {leaf.path!r} of shape "
-                f"{shape} allows: its input axes {input_axes} hold {fan_in} values and its "
-                f"output axes {output_axes} hold {fan_out}. Use rank <= {min(fan_in, fan_out)}."
-            )
-        shared = tuple(shape[axis] for axis in shared_axes)
-        a_shape = (*shared, *(shape[axis] for axis in input_axes), self.rank)
-        b_shape = (*shared, self.rank, *(shape[axis] for axis in output_axes))
+        lora.check_rank(_describe(self), leaf.path, shape, self.rank, input_axes, output_axes)
+        a_shape, b_shape = lora.factor_shapes(
+            shape, self.rank, input_axes, output_axes, shared_axes
+        )
         a_init, b_init = self.a_init, self.b_init
         if isinstance(leaf.metadata, nn.Partitioned):
             # The factors are sharded like the weight's axes they span; the rank is not.
@@ -208,12 +148,7 @@ class LoRA(Wrapper):
         b = self.param(f"{leaf.path}/lora_b", b_init, b_shape, self.param_dtype)
         input_fn = None
         if self.dropout_rate > 0 and not self.deterministic:
-            key = self.make_rng("dropout")
-            rate = self.dropout_rate
-
-            def input_fn(x: jax.Array) -> jax.Array:
-                return dropout(x, rate, key)
-
+            input_fn = lora.dropout_input(self.dropout_rate, self.make_rng("dropout"))
         return LowRank(a, b, self.scale, input_fn, shared=len(shared_axes))
 
     def invert(self, leaf: Leaf) -> Inverse:

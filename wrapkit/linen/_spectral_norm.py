@@ -6,12 +6,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import canonicalize_dtype
 from flax.typing import Dtype
 
+from .._family import spectral_norm
 from .._filters import VariableFilter
-from .._numerics import compute_dtype, power_iteration, spectral_normalize
-from .._problems import dtype_error, epsilon_error, is_bool, is_index
 from ._wrapper import Inverse, Leaf, Wrapper, _describe
 
 
@@ -78,45 +76,22 @@ class SpectralNorm(Wrapper):
     variable_filter: VariableFilter = dataclasses.field(default=None, kw_only=True)
 
     def argument_errors(self) -> list[str]:
-        problems = []
-        if not (is_index(self.n_steps) and self.n_steps >= 0):
-            problems.append(
-                f"n_steps must be a non-negative int (0 disables it), got {self.n_steps!r} "
-                f"({type(self.n_steps).__name__}). Pass e.g. n_steps=1."
-            )
-        if (error := epsilon_error(self.epsilon)) is not None:
-            problems.append(error)
-        if not is_bool(self.error_on_non_matrix):
-            problems.append(
-                f"error_on_non_matrix must be True or False, got {self.error_on_non_matrix!r}. "
-                "Pass True to refuse kernels of more than two dimensions, False to flatten them."
-            )
+        problems = spectral_norm.problems(self)
         if not (isinstance(self.collection_name, str) and self.collection_name):
             problems.append(
                 "collection_name must be a non-empty string naming the collection of u and "
                 f"sigma, got {self.collection_name!r}. The default is 'batch_stats'."
             )
-        dtype_errors = (
-            dtype_error("dtype", self.dtype, optional=True),
-            dtype_error("param_dtype", self.param_dtype, optional=False),
-        )
-        return problems + [error for error in dtype_errors if error is not None]
+        return problems
 
     # Keyword-only parameters of transform are the wrapper's call options, by design.
     def transform(self, leaf: Leaf, *, update_stats: bool) -> jax.Array:  # type: ignore[override]
         value = jnp.asarray(leaf.value)
-        shape = value.shape
-        if value.ndim <= 1 or self.n_steps < 1:
+        if not spectral_norm.normalises(value, self.n_steps):
             return value
-        if value.ndim > 2:
-            if self.error_on_non_matrix:
-                raise ValueError(
-                    f"{_describe(self)}: {leaf.path!r} has "
-                    f"{value.ndim} dimensions {shape}, but error_on_non_matrix=True. Pass "
-                    "error_on_non_matrix=False to normalise it as a matrix of shape "
-                    f"{(-1, shape[-1])}, or exclude it with variable_filter."
-                )
-            value = jnp.reshape(value, (-1, shape[-1]))
+        spectral_norm.check_matrix(
+            _describe(self), leaf.path, value.shape, self.error_on_non_matrix
+        )
         if update_stats and not self.is_mutable_collection(self.collection_name):
             raise ValueError(
                 f"{_describe(self)} was called with "
@@ -128,38 +103,25 @@ class SpectralNorm(Wrapper):
         col = self.collection_name
         u_name, sigma_name = f"{leaf.path}/u", f"{leaf.path}/sigma"
         key = None if self.has_variable(col, u_name) else self.make_rng("params")
-        # A complex kernel's singular vectors are complex: u is, whatever param_dtype says.
-        u_dtype = self.param_dtype
-        if jnp.iscomplexobj(value):
-            u_dtype = jnp.promote_types(u_dtype, jnp.complex64)
-        u_var = self.variable(col, u_name, jax.random.normal, key, (1, shape[-1]), u_dtype)
+        u_shape = (1, value.shape[-1])
+        u_dtype = spectral_norm.u_dtype(value, self.param_dtype)
+        u_var = self.variable(col, u_name, jax.random.normal, key, u_shape, u_dtype)
         sigma_var = self.variable(col, sigma_name, jnp.ones, (), self.param_dtype)
-        # As flax: the result's dtype, and the statistics', follow the stored variables.
-        dtype = canonicalize_dtype(leaf.value, u_var.value, dtype=self.dtype)
-        stats_dtype = jnp.result_type(u_var.value, value)
-        # Power iteration, sigma and the division run in at least float32 (see _numerics);
-        # in float32 these are flax's operations in flax's order.
-        u, v = power_iteration(value, u_var.value, self.n_steps, self.epsilon)
-        normalised, sigma = spectral_normalize(value, u, v, dtype=dtype)
+        normalised, u, sigma = spectral_norm.normalized(
+            value, u_var.value, self.n_steps, self.epsilon, self.dtype
+        )
         if update_stats:
-            u_var.value = u.astype(stats_dtype)
-            sigma_var.value = sigma.astype(jnp.finfo(stats_dtype).dtype)
-        return normalised.reshape(shape)
+            u_var.value, sigma_var.value = u, sigma
+        return normalised
 
     def invert(self, leaf: Leaf) -> Inverse:
         # W / sigma(W) has largest singular value 1, so only such a W is reproduced (see
         # the caveat); W is kept as it is, with the u and sigma that power iteration
-        # converges to. The SVD gives that fixed point exactly, also where power iteration
-        # converges slowly (close top singular values): from it, the forward's n_steps
-        # find sigma at once.
+        # converges to.
         value = jnp.asarray(leaf.value)
-        if value.ndim <= 1 or self.n_steps < 1:
+        if not spectral_norm.normalises(value, self.n_steps):
             return Inverse(value)
-        matrix = value.reshape(-1, value.shape[-1]).astype(compute_dtype(value.dtype))
-        _, singular_values, vh = jnp.linalg.svd(matrix, full_matrices=False)
-        # Row-vector form of power_iteration: u is the conjugate of the top right
-        # singular vector, sigma the top singular value.
-        u, sigma = jnp.conj(vh[:1]), singular_values[0]
+        u, sigma = spectral_norm.fixed_point(value)
         stats = {f"{leaf.path}/u": u, f"{leaf.path}/sigma": sigma}
         return Inverse(
             value,

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Sequence
 from typing import SupportsIndex
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax.linen.dtypes import canonicalize_dtype
 from flax.typing import Dtype
 
+from .._family import weight_standardization
 from .._filters import VariableFilter
-from .._numerics import standardize
-from .._problems import dtype_error, feature_axes_error, reduction_axes_checked
 from ._wrapper import Leaf, Wrapper, _describe
 
 
@@ -78,39 +72,9 @@ class WeightStandardization(Wrapper):
     )
 
     def argument_errors(self) -> list[str]:
-        problems = []
-        eps = self.epsilon
-        real = isinstance(eps, numbers.Real) and not isinstance(eps, bool | np.bool_)
-        if not (real and math.isfinite(eps) and eps > 0):
-            got = f"{eps!r}" if real else f"{eps!r} ({type(eps).__name__})"
-            problems.append(
-                f"epsilon must be a finite positive number, got {got}: it keeps a constant "
-                "weight (a zero kernel) at 0 instead of 0 / 0. Pass a float; the default, "
-                "1e-10, is BiT's."
-            )
-        if (
-            error := feature_axes_error(
-                self.feature_axes, "one mean and variance over the whole variable"
-            )
-        ) is not None:
-            problems.append(error)
-        if (error := dtype_error("dtype", self.dtype, optional=True)) is not None:
-            problems.append(error)
-        return problems
+        return weight_standardization.problems(self)
 
     def transform(self, leaf: Leaf) -> jax.Array:
-        value = jnp.asarray(leaf.value)
-        axes = reduction_axes_checked(
-            _describe(self),
-            leaf.path,
-            value.shape,
-            self.feature_axes,
-            # Each element would be its own mean: the variable would silently become zeros.
-            over="standardise over",
-            otherwise="so it would become zeros",
-            none_gives="one mean and variance over the whole variable",
-            none_fix="one mean and variance over it",
+        return weight_standardization.standardized(
+            _describe(self), leaf.path, leaf.value, self.feature_axes, self.epsilon, self.dtype
         )
-        # The moments run in at least float32; the result is cast once (see _numerics).
-        dtype = canonicalize_dtype(leaf.value, dtype=self.dtype)
-        return standardize(value, axis=axes, eps=self.epsilon, dtype=dtype)
