@@ -644,3 +644,287 @@ def test_the_command_line_lists_an_nnx_modules_own_methods(capsys):
     assert "MLP has no method 'nope'; pass one of its methods, or leave" in (
         capsys.readouterr().err
     )
+
+
+# --- wrapkit.nnx wrappers: a view's calls are the wrapped module's rows -------------------
+
+
+class _Doubled(wrapkit.nnx.Wrapper):
+    default_filter = ("kernel",)
+
+    def transform(self, leaf):
+        return 2 * leaf.value
+
+
+def xla_call_flops(model, *args, vjp=False):
+    """XLA's cost analysis of the model's call through nnx.split / nnx.merge (the state it
+    leaves an output), or with ``vjp`` of that call and its pullback with respect to the
+    Params and the inputs, what ``wrapkit.summary(vjp=True)`` counts."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def call(params, rest, args):
+        # New Variables, of this trace: the call may write to them (statistics).
+        merged = nnx.merge(graphdef, params, rest, copy=True)
+        return merged(*args), nnx.state(merged)
+
+    def with_pullback(params, rest, args, cotangent):
+        output, pullback = jax.vjp(lambda p, a: call(p, rest, a)[0], params, args)
+        return output, pullback(cotangent)
+
+    if not vjp:
+        return jax.jit(call).lower(params, rest, args).cost_analysis()["flops"]
+    cotangent = jax.eval_shape(lambda p, r, a: call(p, r, a)[0], params, rest, args)
+    lowered = jax.jit(with_pullback).lower(params, rest, args, cotangent)
+    return lowered.cost_analysis()["flops"]
+
+
+def weight_normalisation(kernel, scale):
+    return kernel * jax.lax.rsqrt(jnp.sum(kernel * kernel, axis=0) + 1e-12) * scale
+
+
+WRAPKIT_NNX_WRAPPERS = {
+    "WeightNorm": wrapkit.nnx.WeightNorm,
+    "SpectralNorm": lambda layer: wrapkit.nnx.SpectralNorm(layer, rngs=nnx.Rngs(1)),
+    "WeightStandardization": wrapkit.nnx.WeightStandardization,
+    "FakeQuant": wrapkit.nnx.FakeQuant,
+    "LoRA": lambda layer: wrapkit.nnx.LoRA(layer, rank=2, rngs=nnx.Rngs(1)),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPKIT_NNX_WRAPPERS))
+def test_a_wrapkit_nnx_wrappers_row_holds_its_transform_and_the_inner_module_is_its_child(
+    wrapper,
+):
+    make = WRAPKIT_NNX_WRAPPERS[wrapper]
+    model = nnx.eval_shape(lambda: make(nnx.Linear(3, 4, rngs=nnx.Rngs(0))))
+    x = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+    table = wrapkit.summary(model, x, vjp=True)
+    root, layer = table.rows
+    assert (root.module_type, root.wrapper, root.children) == (wrapper, True, (1,))
+    assert (layer.name, layer.module_type, layer.parent) == ("layer_instance", "Linear", 0)
+    assert layer.flops == 2 * 2 * 3 * 4 + 2 * 4  # the matmul and the bias, nothing else
+    assert layer.variables["Param"] == wrapkit.VariableStats(16, 64)
+    # The wrapper's own variables (scales, statistics, factors) are on its row.
+    own = [
+        variable.get_value().size
+        for path, variable in nnx.to_flat_state(nnx.state(model))
+        if path[0] != "layer_instance"
+    ]
+    assert sum(stats.count for stats in root.variables.values()) == sum(own)
+    # Its transform (for LoRA the adapter's own products) is its own cost.
+    assert root.own_flops == table.flops - layer.flops > 0
+    assert table.flops == xla_call_flops(model, x)
+    assert table.vjp_flops == xla_call_flops(model, x, vjp=True)
+
+
+def test_a_weight_norm_row_costs_the_normalisation_of_its_kernel():
+    table = wrapkit.summary(wrapkit.nnx.WeightNorm(nnx.Linear(3, 32, rngs=nnx.Rngs(0))), X)
+    kernel = jax.ShapeDtypeStruct((3, 32), jnp.float32)
+    scale = jax.ShapeDtypeStruct((32,), jnp.float32)
+    expected = wrapkit.flops.count(weight_normalisation, kernel, scale)
+    assert table.root.own_flops == expected.flops
+    assert table.root.own_transcendentals == expected.transcendentals == 32
+    assert table.root.variables["Param"] == wrapkit.VariableStats(32, 128)
+
+
+class _WrappedMLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc1 = wrapkit.nnx.WeightNorm(nnx.Linear(3, 8, rngs=rngs))
+        self.body = wrapkit.nnx.WeightNorm(
+            nnx.Sequential(nnx.Linear(8, 8, rngs=rngs), nnx.relu, nnx.Linear(8, 8, rngs=rngs))
+        )
+        self.fc2 = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(self.body(nnx.relu(self.fc1(x))))
+
+
+def test_the_modules_of_a_view_get_the_wrapped_modules_paths_and_variables():
+    model = abstract(_WrappedMLP)
+    table = wrapkit.summary(model, X, vjp=True)
+    assert [(row.name, row.module_type, row.parent) for row in table] == [
+        ("", "_WrappedMLP", None),
+        ("fc1", "WeightNorm", 0),
+        ("fc1/layer_instance", "Linear", 1),
+        ("body", "WeightNorm", 0),
+        ("body/layer_instance", "Sequential", 3),
+        ("body/layer_instance/layers/0", "Linear", 4),
+        ("body/layer_instance/layers/2", "Linear", 4),
+        ("fc2", "Linear", 0),
+    ]
+    assert table.find("body/layer_instance/layers/2")[0].variables["Param"].count == 72
+    assert table.find("body")[0].variables["Param"].count == 16  # both scales
+    assert sum(row.variables["Param"].count for row in table if "Param" in row.variables) == (
+        table.variables["Param"].count
+    )
+    assert table.flops == xla_call_flops(model, X)
+    assert table.vjp_flops == xla_call_flops(model, X, vjp=True)
+    text = wrapkit.nnx.tabulate(
+        model, X, compute_flops=True, console_kwargs={"width": 200, "force_terminal": False}
+    )
+    assert "body/layer_instance/layers/0" in text and "(wraps Sequential)" in text
+
+
+def test_each_wrapper_of_a_stack_gets_its_row_and_its_own_transform():
+    model = wrapkit.nnx.WeightNorm(_Doubled(nnx.Linear(3, 32, rngs=nnx.Rngs(0))))
+    table = wrapkit.summary(model, X, vjp=True)
+    assert [(row.name, row.module_type, row.parent, row.wrapper) for row in table] == [
+        ("", "WeightNorm", None, True),
+        ("layer_instance", "_Doubled", 0, True),
+        ("layer_instance/layer_instance", "Linear", 1, False),
+    ]
+    kernel = jax.ShapeDtypeStruct((3, 32), jnp.float32)
+    scale = jax.ShapeDtypeStruct((32,), jnp.float32)
+    outer, doubled, linear = table.rows
+    assert outer.own_flops == wrapkit.flops.count(weight_normalisation, kernel, scale).flops
+    assert doubled.own_flops == 3 * 32  # one multiplication per weight
+    assert linear.own_flops == 2 * 4 * 3 * 32 + 4 * 32
+    assert outer.variables["Param"].count == 32 and not doubled.variables
+    assert table.flops == xla_call_flops(model, X)
+    assert table.vjp_flops == xla_call_flops(model, X, vjp=True)
+
+
+class _Coder(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.enc = nnx.Linear(3, 2, rngs=rngs)
+        self.dec = nnx.Linear(2, 3, rngs=rngs)
+
+    def encode(self, x):
+        return self.enc(x)
+
+    def __call__(self, x):
+        return self.dec(self.encode(x))
+
+
+def test_a_delegated_method_other_than_call_is_the_wrappers_row():
+    def make(rngs):
+        return wrapkit.nnx.WeightNorm(_Coder(rngs), delegates=("__call__", "encode"))
+
+    class Top(nnx.Module):
+        def __init__(self, rngs):
+            self.coder = make(rngs)
+
+        def __call__(self, x):
+            return self.coder.encode(x)
+
+    table = wrapkit.summary(abstract(Top), X)
+    assert [(row.name, row.module_type, row.method) for row in table] == [
+        ("", "Top", "__call__"),
+        ("coder", "WeightNorm", "encode"),
+        ("coder/layer_instance", "_Coder", "encode"),
+        ("coder/layer_instance/enc", "Linear", "__call__"),
+    ]
+    coder = table.find("coder")[0]
+    assert coder.own_flops > 0 and coder.variables["Param"].count == 5  # both scales
+    direct = wrapkit.summary(abstract(make), X, method="encode")
+    assert [(row.name, row.method) for row in direct] == [
+        ("", "encode"),
+        ("layer_instance", "encode"),
+        ("layer_instance/enc", "__call__"),
+    ]
+    assert direct.flops == table.flops
+    with pytest.raises(
+        TypeError, match=r"WeightNorm has no method 'decode'\. Pass one of: __call__, encode\.$"
+    ):
+        wrapkit.summary(abstract(make), X, method="decode")
+    # The hooks are not module calls, not even with helpers=True.
+    assert "transform" not in {
+        row.method for row in wrapkit.summary(abstract(make), X, helpers=True)
+    }
+
+
+class _WrappedLayer(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.lin = wrapkit.nnx.WeightNorm(nnx.Linear(4, 4, rngs=rngs))
+
+    def __call__(self, x):
+        return nnx.relu(self.lin(x))
+
+
+class _WrappedScan(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return _WrappedLayer(rngs)
+
+        self.layers = make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def step(x, layer):
+            return nnx.remat(lambda layer, x: layer(x))(layer, x)
+
+        return step(x, self.layers)
+
+
+def test_wrappers_inside_nnx_scan_and_remat_find_their_rows():
+    model = abstract(_WrappedScan)
+    x = jax.ShapeDtypeStruct((2, 4), jnp.float32)
+    table = wrapkit.summary(model, x)
+    assert [(row.name, row.module_type) for row in table] == [
+        ("", "_WrappedScan"),
+        ("layers", "_WrappedLayer"),
+        ("layers/lin", "WeightNorm"),
+        ("layers/lin/layer_instance", "Linear"),
+    ]
+    lin = table.find("layers/lin/layer_instance")[0]
+    assert lin.variables["Param"].count == 3 * 20 and lin.flops == 3 * (2 * 2 * 4 * 4 + 2 * 4)
+    assert table.find("layers/lin")[0].variables["Param"].count == 3 * 4
+    # XLA counts a loop's body once; wrapkit.flops counts it length times.
+    assert table.flops == call_flops(model, x).flops
+
+
+def test_summarising_a_wrapped_model_changes_neither_it_nor_the_wrapper_classes():
+    model = wrapkit.nnx.WeightNorm(_Doubled(nnx.Linear(3, 4, rngs=nnx.Rngs(0))))
+    classes = (wrapkit.nnx.WeightNorm, _Doubled, wrapkit.nnx.Wrapper, nnx.Linear)
+    before, state = class_attributes(*classes), host_values(nnx.state(model))
+    wrapkit.summary(model, jnp.ones((2, 3)), vjp=True)
+    assert class_attributes(*classes) == before
+    assert all(
+        np.array_equal(a, b) for a, b in zip(host_values(nnx.state(model)), state, strict=True)
+    )
+
+
+def test_an_rnn_of_a_wrapped_cell_has_the_cells_rows_and_the_whole_calls_flops():
+    rnn = nnx.eval_shape(
+        lambda: nnx.RNN(wrapkit.nnx.WeightNorm(nnx.LSTMCell(3, 4, rngs=nnx.Rngs(0))))
+    )
+    xs = jax.ShapeDtypeStruct((2, 5, 3), jnp.float32)
+    table = wrapkit.summary(rnn, xs)
+    # initialize_carry is not delegated: it runs on a view, as the cell's own row.
+    assert [(row.name, row.module_type, row.method) for row in table][:4] == [
+        ("", "RNN", "__call__"),
+        ("cell/layer_instance", "LSTMCell", "initialize_carry"),
+        ("cell", "WeightNorm", "__call__"),
+        ("cell/layer_instance", "LSTMCell", "__call__"),
+    ]
+    assert table.find("cell/layer_instance/hi")[0].variables["Param"].count == 20
+    assert table.find("cell")[0].variables["Param"].count == 32  # the eight kernels' scales
+    assert table.flops == call_flops(rnn, xs).flops
+
+
+def test_a_lora_stack_puts_the_adapter_on_the_lora_row_and_the_norm_on_its_own():
+    x = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+    layer = nnx.Linear(3, 4, use_bias=False, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(
+        lambda: wrapkit.nnx.LoRA(wrapkit.nnx.WeightNorm(layer), rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+    )
+    table = wrapkit.summary(model, x, vjp=True)
+    lora, norm, linear = table.rows
+    assert [(row.name, row.module_type, row.parent) for row in table] == [
+        ("", "LoRA", None),
+        ("layer_instance", "WeightNorm", 0),
+        ("layer_instance/layer_instance", "Linear", 1),
+    ]
+    assert linear.own_flops == 2 * 2 * 3 * 4  # x @ W, W normalised: the base product only
+    # The unmerged delta s * (x A) B, s = 2: (2x3)(3x2), (2x2)(2x4), the scale, the sum.
+    assert lora.own_flops == 2 * 2 * 3 * 2 + 2 * 2 * 2 * 4 + 2 * 4 + 2 * 4
+    kernel, scale = (
+        jax.ShapeDtypeStruct((3, 4), jnp.float32),
+        jax.ShapeDtypeStruct((4,), jnp.float32),
+    )
+    assert norm.own_flops == wrapkit.flops.count(weight_normalisation, kernel, scale).flops
+    assert lora.variables["LoRAParam"].count == 3 * 2 + 2 * 4
+    assert table.flops == xla_call_flops(model, x)
+    assert table.vjp_flops == xla_call_flops(model, x, vjp=True)

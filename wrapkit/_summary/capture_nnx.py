@@ -15,10 +15,22 @@ on one for the trace takes effect for every instance (and is taken off again);
 ``nnx.iter_modules`` gives a shared module once, at its first path; and NNX's transforms
 (``nnx.remat``, ``nnx.scan``, ``nnx.vmap``) call a copy of the module made inside their own
 trace, found again by its class (``_Recorder._path_of``).
+
+A wrapkit.nnx wrapper runs the wrapped module's method on a *view*, a module merged for the
+call (``wrapkit/nnx/_wrapper.py``): through ``views_reported`` the view's method runs inside
+``_Recorder.view``, which gives the view's modules the paths of the modules they stand for.
+The outermost wrapper of a stack applies every wrapper's transform in its one call, so the
+inner wrappers get calls of their own, made with the outer one's (``_Recorder._chain``) and
+run around the view's call; each ``transform`` runs under its own wrapper's mark
+(``_remarked``), and a low-rank delta under the outer wrapper's call: every wrapper's row
+holds its own transform, as in Linen. Delegated methods other than ``__call__`` are not
+methods of the wrapper's class but come from its ``__getattr__``, which is recorded too
+(``_delegating``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -33,7 +45,10 @@ import numpy as np
 from flax import nnx
 
 from .. import nnx as _wrapkit_nnx  # noqa: F401  (registers flax's NNX wrappers)
+from .._name_stack import mark_call
 from .._protocol import delegated_methods, is_wrapper
+from ..nnx._wrapper import Wrapper as _Wrapper
+from ..nnx._wrapper import views_reported
 from . import engine
 from .data import Summary, VariableStats
 from .engine import abstract as _abstract
@@ -45,6 +60,9 @@ ARRAY_GROUP = "Array"
 # ``items`` on an nnx.List / nnx.Dict): not module calls of the model. ``__call__`` always is.
 _MODULE_NAMES = frozenset(dir(nnx.Module))
 _CONTAINER_NAMES = {nnx.List: frozenset(dir(nnx.List)), nnx.Dict: frozenset(dir(nnx.Dict))}
+# A wrapkit.nnx wrapper's hooks and protocol (``transform``, ``own``, ``inner`` ...) are not
+# module calls either; ``_patched`` puts ``_WRAPPER_PATCHES`` on wrapper classes instead.
+_WRAPPER_NAMES = frozenset(dir(_Wrapper)) - {"__call__"}
 
 
 @dataclasses.dataclass
@@ -52,6 +70,10 @@ class _Call(engine.Call):
     """An NNX module method call."""
 
     module_id: int = 0
+    # Of a wrapkit.nnx wrapper's call: the id of the module at the bottom of its stack, and
+    # the calls of the wrappers below it, outermost first (see ``_Recorder.call``).
+    base_id: int | None = None
+    chain: list[_Call] = dataclasses.field(default_factory=list)
 
 
 def _key(part: Any) -> str:
@@ -93,7 +115,8 @@ def _recorded_methods(cls: type) -> list[str]:
     """The methods of ``cls`` whose calls get recorded: ``__call__`` and the public methods
     the model's classes define (not NNX's own, such as ``train`` or ``sow``)."""
     framework = _MODULE_NAMES.union(
-        *(names for container, names in _CONTAINER_NAMES.items() if issubclass(cls, container))
+        *(names for container, names in _CONTAINER_NAMES.items() if issubclass(cls, container)),
+        _WRAPPER_NAMES if issubclass(cls, _Wrapper) else (),
     )
     names = []
     for name in dir(cls):
@@ -140,6 +163,45 @@ class _Recorder(engine.Recorder):
         ]
         return below[0] if len(below) == 1 else above + (type(module).__name__,)
 
+    @contextmanager
+    def view(self, base: nnx.Module, view: nnx.Module) -> Iterator[None]:
+        """A wrapkit.nnx wrapper runs a method on ``view``, which stands for ``base``: the
+        view's modules get the paths of ``base``'s, and the call runs inside the calls of
+        the wrappers below the one whose call made the view."""
+        owner = next(
+            (
+                call
+                for call in reversed(cast("list[_Call]", self.stack))
+                if call.base_id == id(base)
+            ),
+            None,
+        )
+        chain = owner.chain if owner is not None else []
+        root = self._path_of(base, chain[-1] if chain else cast("_Call | None", self.caller))
+        for parts, module in nnx.iter_modules(view):
+            self.paths[id(module)] = root + _path(parts)
+            self.modules.append(module)
+        with contextlib.ExitStack() as marks:
+            for link in chain:
+                self.stack.append(link)
+                marks.callback(self.stack.pop)
+                if self.mark:
+                    marks.enter_context(mark_call(link.id))
+            yield
+
+    def marked_as(self, wrapper: Any) -> contextlib.AbstractContextManager[None]:
+        """The mark of ``wrapper``'s call: its transform is part of that call, although the
+        outermost wrapper of its stack runs it."""
+        for call in reversed(cast("list[_Call]", self.stack)):
+            for found in (call, *call.chain):
+                if found.module_id == id(wrapper):
+                    return (
+                        mark_call(found.id)
+                        if self.mark and not found.transparent
+                        else contextlib.nullcontext()
+                    )
+        return contextlib.nullcontext()
+
     def call(
         self, module: Any, method: str, function: Callable[..., Any], args: Any, kwargs: Any
     ) -> Any:
@@ -168,8 +230,35 @@ class _Recorder(engine.Recorder):
             module_id=id(module),
         )
         self.add(call)
+        if isinstance(module, _Wrapper):
+            self._chain(call, module, method)
         self.probing = None
-        return self.run(call, function, (module, *args), kwargs)
+        output = self.run(call, function, (module, *args), kwargs)
+        for link in call.chain:
+            link.outputs = call.outputs
+        return output
+
+    def _chain(self, call: _Call, wrapper: _Wrapper, method: str) -> None:
+        """The outermost wrapper of a stack applies every wrapper's transform in its one
+        call, and the inner wrappers' methods never run; each still gets a call, below the
+        one above it, opened around the call of the view (``view``)."""
+        above = call
+        module = wrapper.layer_instance
+        while isinstance(module, _Wrapper):
+            link = _Call(
+                id=engine.new_call_id(),
+                path=self._path_of(module, above),
+                module_type=type(module).__name__,
+                method=method,
+                wrapper=True,
+                inputs=call.inputs,
+                module_id=id(module),
+            )
+            above.children.append(link)
+            self.ids.add(link.id)
+            call.chain.append(link)
+            above, module = link, module.layer_instance
+        call.base_id = id(module)
 
 
 @contextmanager
@@ -184,6 +273,10 @@ def _patched(classes: Sequence[type], recorder: Callable[[], _Recorder | None]) 
                 function = inspect.getattr_static(cls, name)
                 setattr(cls, name, _recording(function, name, recorder))
                 saved.append((cls, name, own))  # only once it is replaced
+            for name, patch in _WRAPPER_PATCHES.items() if issubclass(cls, _Wrapper) else ():
+                own = vars(cls).get(name, _ABSENT)
+                setattr(cls, name, patch(inspect.getattr_static(cls, name), recorder))
+                saved.append((cls, name, own))
         yield
     finally:
         for cls, name, attribute in reversed(saved):
@@ -207,6 +300,48 @@ def _recording(
         return current.call(self, name, function, args, kwargs)
 
     return method
+
+
+def _remarked(
+    function: Callable[..., Any], recorder: Callable[[], _Recorder | None]
+) -> Callable[..., Any]:
+    """A wrapper's ``transform``, run under the mark of that wrapper's call."""
+
+    @functools.wraps(function)
+    def hook(self: Any, *args: Any, **kwargs: Any) -> Any:
+        current = recorder()
+        if current is None:
+            return function(self, *args, **kwargs)
+        with current.marked_as(self):
+            return function(self, *args, **kwargs)
+
+    return hook
+
+
+def _delegating(
+    function: Callable[..., Any], recorder: Callable[[], _Recorder | None]
+) -> Callable[..., Any]:
+    """A wrapper's ``__getattr__``, whose delegated methods other than ``__call__`` (not
+    methods of its class) are recorded as calls of the wrapper."""
+
+    @functools.wraps(function)
+    def getattr_(self: Any, name: str) -> Any:
+        bound = function(self, name)
+        if name not in self.delegated_methods:
+            return bound
+
+        def method(*args: Any, **kwargs: Any) -> Any:
+            current = recorder()
+            if current is None:
+                return bound(*args, **kwargs)
+            return current.call(self, name, lambda _, *a, **k: bound(*a, **k), args, kwargs)
+
+        return method
+
+    return getattr_
+
+
+_WRAPPER_PATCHES = {"transform": _remarked, "__getattr__": _delegating}
 
 
 class _Nnx:
@@ -273,7 +408,7 @@ class _Nnx:
         nnx_recorder.locate(model)
         self.current, self.last = nnx_recorder, nnx_recorder
         try:
-            with _patched(self.classes, lambda: self.current):
+            with _patched(self.classes, lambda: self.current), views_reported(nnx_recorder.view):
                 method = self.method
                 if method is None or isinstance(method, str):
                     output = getattr(model, method or "__call__")(*call_args, **call_kwargs)
@@ -331,10 +466,13 @@ def summary(
     **kwargs: Any,
 ) -> Summary:
     """The summary of an NNX module call; see [`wrapkit.summary`][wrapkit.summary]."""
-    if isinstance(method, str) and not inspect.isfunction(
-        inspect.getattr_static(type(module), method, None)
+    delegated = module.delegated_methods if isinstance(module, _Wrapper) else ()
+    if isinstance(method, str) and not (
+        inspect.isfunction(inspect.getattr_static(type(module), method, None))
+        or method in delegated
     ):
-        methods = ", ".join(_recorded_methods(type(module)))
+        found = _recorded_methods(type(module))
+        methods = ", ".join(found + [name for name in delegated if name not in found])
         raise TypeError(
             f"wrapkit.summary: {type(module).__name__} has no method {method!r}. "
             f"Pass one of: {methods}."

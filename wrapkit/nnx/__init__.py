@@ -13,7 +13,17 @@ from flax import nnx as _nnx
 
 from .._protocol import register_wrapper as _register_wrapper
 from .._summary.tabulate_nnx import tabulate as tabulate
+from ._convert import from_linen_variables as from_linen_variables
+from ._convert import to_linen_variables as to_linen_variables
+from ._fake_quant import FakeQuant as FakeQuant
+from ._inject import inject as inject
+from ._lifecycle import fold as fold
+from ._lifecycle import init_from_data as init_from_data
+from ._lifecycle import wrap_pretrained as wrap_pretrained
+from ._lora import LoRA as LoRA
+from ._spectral_norm import SpectralNorm as SpectralNorm
 from ._weight_norm import WeightNorm as WeightNorm
+from ._weight_standardization import WeightStandardization as WeightStandardization
 from ._wrapper import Inverse as Inverse
 from ._wrapper import Leaf as Leaf
 from ._wrapper import Wrapper as Wrapper

@@ -62,6 +62,7 @@ class WeightNorm(Wrapper):
     """
 
     default_filter = ("kernel",)
+    construction_only = ("scale_init",)
 
     def __init__(
         self,

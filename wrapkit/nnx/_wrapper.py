@@ -20,6 +20,8 @@ state, and re-evaluated with each linear use of a weight rewritten.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -30,6 +32,7 @@ import jax
 from flax import nnx
 
 from .. import _filters
+from .._name_stack import current_name_stack
 from .._problems import Unreadable, raise_collected
 from .._protocol import check_delegates
 from .._unmerged import DeltaSource, LowRank, call_unmerged
@@ -211,6 +214,45 @@ def _variables(module: nnx.Module) -> Iterator[tuple[tuple[Any, ...], nnx.Variab
             yield keys, variable
 
 
+ViewListener: TypeAlias = Callable[
+    [nnx.Module, nnx.Module], contextlib.AbstractContextManager[None] | None
+]
+
+# A view is a new object that stands for the wrapped module; tools that follow calls into it
+# (wrapkit.summary gives the view's calls the rows of the modules they stand for) are told
+# of each one. Context-local, so that a tool's listener never sees another thread's calls.
+_VIEW_LISTENERS: contextvars.ContextVar[tuple[ViewListener, ...]] = contextvars.ContextVar(
+    "wrapkit_nnx_view_listeners", default=()
+)
+
+
+@contextlib.contextmanager
+def views_reported(listener: ViewListener) -> Iterator[None]:
+    """While the block runs, ``listener(base, view)`` is called for every view a delegated
+    call merges, before the method runs on it; when it returns a context manager, the
+    method runs inside it. ``base`` is the module at the bottom of the stack, and each
+    module of ``view`` stands for ``base``'s module at the same path."""
+    token = _VIEW_LISTENERS.set((*_VIEW_LISTENERS.get(), listener))
+    try:
+        yield
+    finally:
+        _VIEW_LISTENERS.reset(token)
+
+
+def _call_view(
+    base: nnx.Module, view: nnx.Module, method: str, args: tuple[Any, ...], kwargs: Any
+) -> Any:
+    listeners = _VIEW_LISTENERS.get()
+    if not listeners:
+        return getattr(view, method)(*args, **kwargs)
+    with contextlib.ExitStack() as contexts:
+        for listener in listeners:
+            context = listener(base, view)
+            if context is not None:
+                contexts.enter_context(context)
+        return getattr(view, method)(*args, **kwargs)
+
+
 def _view_variable(variable: nnx.Variable[Any], value: Any) -> nnx.Variable[Any]:
     """A new Variable like ``variable`` (type, metadata) holding ``value``."""
     return type(variable).from_metadata(value, variable.get_metadata())
@@ -262,6 +304,10 @@ class Wrapper(nnx.Module):
     variable_types: ClassVar[tuple[type, ...]] = (nnx.Param,)
     materialize: bool = False
     freeze_base: bool = False
+    # Options used only to build the wrapper's own variables (initialisers). They are
+    # dropped once ``create`` has run, as nnx.Linear keeps no kernel_init: a closure (most
+    # jax initialisers are) would make the model impossible to pickle.
+    construction_only: ClassVar[tuple[str, ...]] = ()
     _call_options: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -291,6 +337,8 @@ class Wrapper(nnx.Module):
         self.delegates = None if delegates is None or problems else tuple(delegates)
         self._check_arguments(problems)
         self._create(rngs)
+        for name in type(self).construction_only:
+            delattr(self, name)
 
     # -- the protocol ---------------------------------------------------------------------
 
@@ -461,8 +509,9 @@ class Wrapper(nnx.Module):
         return _delegate(self, "__call__", args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        # Only reached for names the wrapper itself lacks.
-        if name.startswith("_") or "layer_instance" not in self.__dict__:
+        # Only reached for names the wrapper itself lacks. nnx.view calls set_view on every
+        # module it visits, the inner one too: forwarded, it would run on a throw-away view.
+        if name.startswith("_") or name == "set_view" or "layer_instance" not in self.__dict__:
             raise AttributeError(name)
         inner = self.__dict__["layer_instance"]
         if name in _delegated(self):
@@ -531,7 +580,22 @@ class _Applied:
     select: Select
 
 
+# Set by init_from_data (wrapkit.nnx._lifecycle) for its one forward pass: it sees the
+# result of every delegated call and returns what the caller gets instead.
+_OBSERVE: contextvars.ContextVar[Callable[[Wrapper, str, Any], Any] | None] = (
+    contextvars.ContextVar("wrapkit_nnx_observe", default=None)
+)
+
+
 def _delegate(outer: Wrapper, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    result = _delegate_call(outer, method, args, kwargs)
+    observe = _OBSERVE.get()
+    return result if observe is None else observe(outer, method, result)
+
+
+def _delegate_call(
+    outer: Wrapper, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     base = _base(outer)
     stack = [
         _Applied(w, w._read_options(method, kwargs), method in _delegated(w), w._select())
@@ -593,7 +657,7 @@ def _delegate(outer: Wrapper, method: str, args: tuple[Any, ...], kwargs: dict[s
         for keys, variable in flat
     ]
     module = nnx.merge(graphdef, nnx.from_flat_state(view_flat))
-    result = getattr(module, method)(*args, **kwargs)
+    result = _call_view(base, module, method, args, kwargs)
     for (keys, view), (_, variable) in zip(view_flat, flat, strict=True):
         if view is not variable and view.get_raw_value() is not views[keys]:
             raise _written(outer, base, method, _path(keys))
@@ -636,7 +700,9 @@ def _delta_source(applied: _Applied, leaf: Leaf) -> DeltaSource:
         make=lambda input_axes, output_axes, shared_axes: wrapper.low_rank(
             leaf, input_axes, output_axes, shared_axes, **applied.options
         ),
-        name_stack=None,
+        # The wrapper's own call (the scope tools mark it with), as in Linen: the delta's
+        # operations are the wrapper's, wherever the interpreter meets the weight's use.
+        name_stack=current_name_stack(),
         materialize=wrapper.materialize,
         feature_axes=wrapper.delta_feature_axes(leaf),
         freeze=wrapper.freeze_base,
@@ -655,6 +721,7 @@ def _call_unmerged(
 ) -> Any:
     """The delegated call as a pure function of the module's state, evaluated unmerged."""
     values = [views[keys] if keys in views else v.get_raw_value() for keys, v in flat]
+    written: list[tuple[Any, ...]] = []
 
     def pure(values: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         rebuilt = [
@@ -662,14 +729,23 @@ def _call_unmerged(
             for (keys, variable), value in zip(flat, values, strict=True)
         ]
         module = nnx.merge(graphdef, nnx.from_flat_state(rebuilt))
-        result = getattr(module, method)(*args, **kwargs)
-        return result, [variable.get_raw_value() for _, variable in rebuilt]
+        result = _call_view(_base(outer), module, method, args, kwargs)
+        after = []
+        for (keys, variable), value in zip(rebuilt, values, strict=True):
+            now = variable.get_raw_value()
+            if keys in views:
+                # Checked here, not returned: returning a weight would be a use of it
+                # (with no unmerged form).
+                if now is not value:
+                    written.append(keys)
+                now = None
+            after.append(now)
+        return result, after
 
     result, after = call_unmerged(pure, [values, args, kwargs], sources)
+    if written:
+        raise _written(outer, _base(outer), method, _path(written[0]))
     for (keys, variable), before, now in zip(flat, values, after, strict=True):
-        if now is before:
-            continue
-        if keys in views:
-            raise _written(outer, _base(outer), method, _path(keys))
-        variable.set_value(now)
+        if keys not in views and now is not before:
+            variable.set_value(now)
     return result
