@@ -32,7 +32,7 @@ from flax.core.scope import subtract_filters
 from flax.linen.module import wrap_method_once
 from flax.linen.transforms import get_module_scopes, lift_transform
 
-from .. import _filters
+from .. import _filters, _wrapping
 from .._filters import VariableFilter
 from .._name_stack import current_name_stack, set_name_stack
 from .._problems import Unreadable, raise_collected
@@ -277,10 +277,7 @@ class Wrapper(nn.Module):
             if hook in cls.__dict__:
                 nn.nowrap(cls.__dict__[hook])
         super().__init_subclass__(**kwargs)
-        parameters = list(inspect.signature(cls.transform).parameters.values())
-        cls._call_options = {
-            p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY
-        }
+        cls._call_options = _wrapping.call_options(cls.transform)
 
     def __post_init__(self) -> None:
         self._check_arguments()
@@ -397,10 +394,7 @@ class Wrapper(nn.Module):
         try:
             value = getattr(inner, name)
         except AttributeError:
-            raise AttributeError(
-                f"{_describe(self)} has no attribute {name!r}, and neither has the "
-                f"{type(inner).__name__} it wraps."
-            ) from None
+            raise _wrapping.no_attribute(_describe(self), name, type(inner).__name__) from None
         if inspect.ismethod(value) and isinstance(value.__self__, nn.Module):
             # Not delegated: the method runs on the inner module with every variable this
             # wrapper would transform made unreadable, so a method that needs no selected
@@ -464,19 +458,10 @@ class Wrapper(nn.Module):
             check_delegates(self.delegates, "delegates") if self.delegates is not None else []
         )
         if not problems:
-            # A wrapper offers the methods it delegates, whatever its class defines.
             available = _delegated(inner) if isinstance(inner, Wrapper) else _public_methods(inner)
-            for name in _delegated(self):
-                if name != "__call__" and hasattr(type(self), name):
-                    problems.append(
-                        f"cannot delegate {name!r}: {type(self).__name__} has an attribute "
-                        f"of that name itself."
-                    )
-                elif name not in available:
-                    problems.append(
-                        f"delegates {name!r}, but {type(inner).__name__} has no method "
-                        f"{name!r}. Delegate one of: {', '.join(available) or '(none)'}."
-                    )
+            problems += _wrapping.delegation_problems(
+                type(self), _delegated(self), type(inner).__name__, available
+            )
         problems += _filters.check(self.variable_filter)
         problems += self.argument_errors()
         raise_collected(_describe(self), problems, ValueError)
@@ -489,19 +474,14 @@ class Wrapper(nn.Module):
         wrappers taking ``update_stats`` both receive it; the innermost wrapper removes all
         of them before it calls the wrapped module.
         """
-        options = {}
-        for name, default in self._call_options.items():
-            if name in kwargs:
-                options[name] = kwargs[name]
-            elif default is _REQUIRED:
-                raise TypeError(
-                    f"{_describe(self)}.{method}() needs the keyword argument {name!r}: "
-                    f"{type(self).__name__} takes it on every delegated call (it is not "
-                    f"passed to {type(unwrap(self)).__name__})."
-                )
-            else:
-                options[name] = default
-        return options
+        return _wrapping.read_options(
+            _describe(self),
+            type(self).__name__,
+            type(unwrap(self)).__name__,
+            self._call_options,
+            method,
+            kwargs,
+        )
 
     @nn.nowrap
     def _delegate(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -763,11 +743,14 @@ class _View:
             self.selected[index] += 1
             if not applied.delegated:
                 return Unreadable(
-                    f"{_describe(applied.wrapper)} does not delegate {self.method!r}, and "
-                    f"{type(self.inner).__name__}.{self.method} reads {collection}/{path}, "
-                    f"which {type(applied.wrapper).__name__} transforms: run on the raw "
-                    "value it would skip the wrapper. Build the wrapper with delegates="
-                    f"{(*applied.wrapper.delegated_methods, self.method)!r}."
+                    _wrapping.not_delegated(
+                        _describe(applied.wrapper),
+                        type(applied.wrapper).__name__,
+                        self.method,
+                        type(self.inner).__name__,
+                        f"{collection}/{path}",
+                        applied.wrapper.delegated_methods,
+                    )
                 )
             leaf = Leaf(path, collection, value, metadata)
             chain.append((applied.wrapper, leaf))

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, TypeAlias
 import jax
 from flax import nnx
 
-from .. import _filters
+from .. import _filters, _wrapping
 from .._name_stack import current_name_stack
 from .._problems import Unreadable, raise_collected
 from .._protocol import check_delegates
@@ -313,10 +313,7 @@ class Wrapper(nnx.Module):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         hook = cls.low_rank if _adds_low_rank(cls) else cls.transform
-        parameters = list(inspect.signature(hook).parameters.values())
-        cls._call_options = {
-            p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY
-        }
+        cls._call_options = _wrapping.call_options(hook)
 
     def __init__(
         self,
@@ -471,36 +468,23 @@ class Wrapper(nnx.Module):
             )
         if not problems:
             available = _delegated(inner) if isinstance(inner, Wrapper) else _public_methods(inner)
-            for name in _delegated(self):
-                if name != "__call__" and hasattr(type(self), name):
-                    problems.append(
-                        f"cannot delegate {name!r}: {type(self).__name__} has an attribute "
-                        "of that name itself."
-                    )
-                elif name not in available:
-                    problems.append(
-                        f"delegates {name!r}, but {type(inner).__name__} has no method "
-                        f"{name!r}. Delegate one of: {', '.join(available) or '(none)'}."
-                    )
+            problems += _wrapping.delegation_problems(
+                type(self), _delegated(self), type(inner).__name__, available
+            )
         problems += _filter_problems(self.variable_filter)
         problems += self.argument_errors()
         raise_collected(_describe(self), problems, ValueError)
 
     def _read_options(self, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         """This wrapper's call options, read (not removed) from the call's keywords."""
-        options = {}
-        for name, default in self._call_options.items():
-            if name in kwargs:
-                options[name] = kwargs[name]
-            elif default is _REQUIRED:
-                raise TypeError(
-                    f"{_describe(self)}.{method}() needs the keyword argument {name!r}: "
-                    f"{type(self).__name__} takes it on every delegated call (it is not "
-                    f"passed to {type(_base(self)).__name__})."
-                )
-            else:
-                options[name] = default
-        return options
+        return _wrapping.read_options(
+            _describe(self),
+            type(self).__name__,
+            type(_base(self)).__name__,
+            self._call_options,
+            method,
+            kwargs,
+        )
 
     # -- delegation -----------------------------------------------------------------------
 
@@ -519,10 +503,7 @@ class Wrapper(nnx.Module):
         try:
             value = getattr(inner, name)
         except AttributeError:
-            raise AttributeError(
-                f"{_describe(self)} has no attribute {name!r}, and neither has the "
-                f"{type(inner).__name__} it wraps."
-            ) from None
+            raise _wrapping.no_attribute(_describe(self), name, type(inner).__name__) from None
         if inspect.ismethod(value) and isinstance(value.__self__, nnx.Module):
             # Not delegated: run on a view with every variable this wrapper would
             # transform unreadable, so a method that needs none of them (an RNN cell's
@@ -625,11 +606,14 @@ def _delegate_call(
             changed = True
             if not applied.delegated:
                 value = Unreadable(
-                    f"{_describe(applied.wrapper)} does not delegate {method!r}, and "
-                    f"{type(base).__name__}.{method} reads {path}, which "
-                    f"{type(applied.wrapper).__name__} transforms: run on the raw value it "
-                    "would skip the wrapper. Build the wrapper with delegates="
-                    f"{(*applied.wrapper.delegated_methods, method)!r}."
+                    _wrapping.not_delegated(
+                        _describe(applied.wrapper),
+                        type(applied.wrapper).__name__,
+                        method,
+                        type(base).__name__,
+                        path,
+                        applied.wrapper.delegated_methods,
+                    )
                 )
                 break
             if factored is not None:
