@@ -11,6 +11,9 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
+
 REQUIRED = inspect.Parameter.empty
 
 
@@ -91,3 +94,53 @@ def not_delegated(
         f"which {wrapper_class} transforms: run on the raw value it would skip the wrapper. "
         f"Build the wrapper with delegates={(*delegated, method)!r}."
     )
+
+
+# -- wrap_pretrained's check ----------------------------------------------------------------
+
+
+def _tolerance(dtype: Any) -> float:
+    """How far a weight may be off, relative to its largest magnitude: float32's fold
+    tolerance, or two roundings of a lower-precision dtype."""
+    return max(1e-5, 2 * float(jnp.finfo(dtype).eps))
+
+
+def _deviation(got: Any, expected: Any) -> tuple[float, float]:
+    """The largest difference relative to the largest magnitude, and the norm ratio."""
+    expected = np.asarray(expected)
+    expected = expected.astype(np.result_type(expected.dtype, np.float64))
+    got = np.asarray(got, expected.dtype)
+    tiny = float(np.finfo(np.float64).tiny)
+    largest = max(float(np.abs(expected).max(initial=0.0)), tiny)
+    off = float(np.abs(got - expected).max(initial=0.0)) / largest
+    return off, float(np.linalg.norm(got)) / max(float(np.linalg.norm(expected)), tiny)
+
+
+def pretrained_mismatch(
+    name: str, wrappers: str, got: Any, expected: Any, caveats: Sequence[str]
+) -> str | None:
+    """Why the wrapped model would not see the pretrained weight ``expected`` (it sees
+    ``got`` through ``wrappers``), or ``None`` when it sees it to rounding."""
+    if not jnp.issubdtype(jnp.result_type(expected), jnp.inexact):
+        return None
+    off, ratio = _deviation(got, expected)
+    if off <= _tolerance(jnp.result_type(expected)):
+        return None
+    why = "".join(f" {caveat}" for caveat in caveats)
+    return (
+        f"{name} (through {wrappers}) would be off by up to {off:.3g} of its "
+        f"largest magnitude (norm ratio {ratio:.4g}).{why}"
+    )
+
+
+def raise_not_reproduced(subject: str, problems: Sequence[str]) -> None:
+    """wrap_pretrained's error for weights ``exact=True`` would change; nothing if none."""
+    if problems:
+        count = "it" if len(problems) == 1 else f"{len(problems)} of them"
+        raise ValueError(
+            f"{subject}: with exact=True the wrapped model must see every pretrained weight "
+            f"unchanged, but {count} would change:\n"
+            + "\n".join(f"  - {problem}" for problem in problems)
+            + "\nPass exact=False to accept what the wrappers make of these weights (the "
+            "outputs then change), or leave them out of the wrappers' variable_filter."
+        )

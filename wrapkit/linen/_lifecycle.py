@@ -32,6 +32,7 @@ from flax import traverse_util
 from flax.core import unfreeze
 from flax.core.meta import AxisMetadata
 
+from .. import _wrapping
 from .._problems import raise_collected
 from ._weight_norm import WeightNorm
 from ._wrapper import _EXPORT, _RECORD, EXPORTED, Inverse, Leaf, Wrapper, _describe, _Seen
@@ -617,23 +618,6 @@ def _is_own(key: _Key, wrapper: _Path) -> bool:
     return len(key) == len(wrapper) + 2 and key[1:-1] == wrapper
 
 
-def _tolerance(dtype: Any) -> float:
-    """How far a weight may be off, relative to its largest magnitude: float32's fold
-    tolerance, or two roundings of a lower-precision dtype."""
-    return max(1e-5, 2 * float(jnp.finfo(dtype).eps))
-
-
-def _deviation(got: Any, expected: Any) -> tuple[float, float]:
-    """The largest difference relative to the largest magnitude, and the norm ratio."""
-    expected = np.asarray(expected)
-    expected = expected.astype(np.result_type(expected.dtype, np.float64))
-    got = np.asarray(got, expected.dtype)
-    tiny = float(np.finfo(np.float64).tiny)
-    largest = max(float(np.abs(expected).max(initial=0.0)), tiny)
-    off = float(np.abs(got - expected).max(initial=0.0)) / largest
-    return off, float(np.linalg.norm(got)) / max(float(np.linalg.norm(expected)), tiny)
-
-
 def _check_reproduces(
     subject: str,
     model: nn.Module,
@@ -650,27 +634,13 @@ def _check_reproduces(
     problems = []
     for key, entry in transformed.items():
         place = places[key]
-        expected = _unbox(plain[place])
-        if not jnp.issubdtype(jnp.result_type(expected), jnp.inexact):
-            continue
-        off, ratio = _deviation(_unbox(seen[place]), expected)
-        if off <= _tolerance(jnp.result_type(expected)):
-            continue
         wrappers = ", ".join(_describe(step.wrapper) for step in reversed(entry.steps))
-        why = "".join(f" {caveat}" for caveat in caveats.get(key, []))
-        problems.append(
-            f"{_name(place)} (through {wrappers}) would be off by up to {off:.3g} of its "
-            f"largest magnitude (norm ratio {ratio:.4g}).{why}"
+        problem = _wrapping.pretrained_mismatch(
+            _name(place), wrappers, _unbox(seen[place]), _unbox(plain[place]), caveats.get(key, [])
         )
-    if problems:
-        count = "it" if len(problems) == 1 else f"{len(problems)} of them"
-        raise ValueError(
-            f"{subject}: with exact=True the wrapped model must see every pretrained weight "
-            f"unchanged, but {count} would change:\n"
-            + "\n".join(f"  - {problem}" for problem in problems)
-            + "\nPass exact=False to accept what the wrappers make of these weights (the "
-            "outputs then change), or leave them out of the wrappers' variable_filter."
-        )
+        if problem is not None:
+            problems.append(problem)
+    _wrapping.raise_not_reproduced(subject, problems)
 
 
 # -- data-dependent initialisation --------------------------------------------------------

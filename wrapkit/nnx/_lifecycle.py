@@ -26,8 +26,8 @@ import numpy as np
 from flax import nnx
 from flax.nnx import graphlib
 
+from .. import _wrapping
 from .._problems import raise_collected
-from ..linen._lifecycle import _deviation, _tolerance
 from ._weight_norm import WeightNorm
 from ._wrapper import (
     _OBSERVE,
@@ -537,26 +537,13 @@ def _check_reproduces(
     seen = {keys: v.get_value() for keys, v in nnx.to_flat_state(nnx.state(check))}
     problems = []
     for keys, expected in pretrained.items():
-        if not jnp.issubdtype(jnp.result_type(expected), jnp.inexact):
-            continue
-        off, ratio = _deviation(seen[keys], expected)
-        if off <= _tolerance(jnp.result_type(expected)):
-            continue
         wrappers = ", ".join(_describe(w) for w in reversed(through[keys]))
-        why = "".join(f" {caveat}" for caveat in caveats.get(keys, []))
-        problems.append(
-            f"{_path(keys)} (through {wrappers}) would be off by up to {off:.3g} of its "
-            f"largest magnitude (norm ratio {ratio:.4g}).{why}"
+        problem = _wrapping.pretrained_mismatch(
+            _path(keys), wrappers, seen[keys], expected, caveats.get(keys, [])
         )
-    if problems:
-        count = "it" if len(problems) == 1 else f"{len(problems)} of them"
-        raise ValueError(
-            f"{subject}: with exact=True the wrapped model must see every pretrained weight "
-            f"unchanged, but {count} would change:\n"
-            + "\n".join(f"  - {problem}" for problem in problems)
-            + "\nPass exact=False to accept what the wrappers make of these weights (the "
-            "outputs then change), or leave them out of the wrappers' variable_filter."
-        )
+        if problem is not None:
+            problems.append(problem)
+    _wrapping.raise_not_reproduced(subject, problems)
 
 
 # -- data-dependent initialisation --------------------------------------------------------
