@@ -11,6 +11,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -144,3 +145,24 @@ def raise_not_reproduced(subject: str, problems: Sequence[str]) -> None:
             + "\nPass exact=False to accept what the wrappers make of these weights (the "
             "outputs then change), or leave them out of the wrappers' variable_filter."
         )
+
+
+# -- init_from_data's checks ----------------------------------------------------------------
+
+
+def transformed_after_weight_norm(where: str, outer: str, outer_class: str, path: str) -> str:
+    """init_from_data's sentence for a wrapper outside WeightNorm on the same weight."""
+    return (
+        f"{where}: {outer} transforms {path} after WeightNorm, so the scale no longer sets "
+        f"the output's scale. Put WeightNorm outermost: WeightNorm({outer_class}(...))."
+    )
+
+
+def init_output_problem(where: str, out: Any) -> str | None:
+    """Why a WeightNorm'd layer's output cannot be initialised from, or ``None``."""
+    if isinstance(out, jax.Array) and out.ndim >= 1 and jnp.issubdtype(out.dtype, jnp.floating):
+        return None
+    return (
+        f"{where}: the data-dependent init needs the layer's output as one real "
+        f"floating-point array with the features last, got {type(out).__name__}."
+    )

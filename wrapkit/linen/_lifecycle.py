@@ -869,17 +869,12 @@ def _norm_call(
     elif (entry := next(iter(mine.values()))).steps[-1].path != path:
         outer = entry.steps[-1].wrapper
         problems.append(
-            f"{where}: {_describe(outer)} transforms {_name(entry.key)} after WeightNorm, "
-            "so the scale no longer sets the output's scale. Put WeightNorm outermost: "
-            f"WeightNorm({type(outer).__name__}(...))."
+            _wrapping.transformed_after_weight_norm(
+                where, _describe(outer), type(outer).__name__, _name(entry.key)
+            )
         )
-    if not (
-        isinstance(out, jax.Array) and out.ndim >= 1 and jnp.issubdtype(out.dtype, jnp.floating)
-    ):
-        problems.append(
-            f"{where}: the data-dependent init needs the layer's output as one real "
-            f"floating-point array with the features last, got {type(out).__name__}."
-        )
+    if (problem := _wrapping.init_output_problem(where, out)) is not None:
+        problems.append(problem)
     if len(problems) > before:
         return None
     entry = next(iter(mine.values()))
