@@ -32,7 +32,7 @@ from ..linen._inject import (
 from ..linen._inject import _pattern_problems as _string_problems
 from ..linen._wrapper import Wrapper as _LinenWrapper
 from ._lifecycle import _modules, _Node, _where
-from ._wrapper import _REQUIRED, Wrapper, _base, _describe, _owned, _path, _variables
+from ._wrapper import _REQUIRED, Wrapper, _describe, _owned, _path
 
 ModulePattern: TypeAlias = str | type[nnx.Module] | Callable[[str, nnx.Module], bool]
 """One pattern: a path string, an NNX module class, or a callable ``(path, module) -> bool``."""
@@ -144,10 +144,7 @@ def _put(parent: Any, key: Any, value: Any) -> None:
 
 def _selection(wrapper: Wrapper) -> tuple[str, ...]:
     """The paths of the variables a wrapper selects, in the module at the bottom of its stack."""
-    select = wrapper._select()
-    return tuple(
-        _path(keys) for keys, v in _variables(_base(wrapper)) if select(keys, _path(keys), v)
-    )
+    return tuple(leaf.path for leaf in wrapper._selected())
 
 
 class _Injection:

@@ -35,8 +35,8 @@ from ._wrapper import (
     Inverse,
     Leaf,
     Wrapper,
-    _adds_low_rank,
     _Applied,
+    _apply_stack,
     _base,
     _delta_source,
     _describe,
@@ -222,25 +222,13 @@ def _effective(target: _Target, options: Mapping[int, dict[str, Any]]) -> Any:
     the axes its ``delta_feature_axes`` gives (else the last axis is the output), as where
     a call has no use that fixes them.
     """
-    value = target.variable.get_value()
-    factored: Wrapper | None = None
-    for wrapper in target.steps:
-        if factored is not None:
-            raise ValueError(
-                f"{_describe(wrapper)} transforms {_path(target.keys)} after "
-                f"{_describe(factored)} has added its low-rank delta to it: "
-                f"{type(wrapper).__name__} of W + s * A @ B has no unmerged form. Put "
-                f"{type(factored).__name__} outermost, or leave the variable out of one of "
-                "the two filters."
-            )
-        if _adds_low_rank(type(wrapper)):
-            factored = wrapper
-            continue
-        value = wrapper.transform(target.leaf(value), **options[id(wrapper)])
+    selecting = [_Applied(w, options[id(w)], True, w._select()) for w in target.steps]
+    value, factored = _apply_stack(
+        selecting, target.keys, target.variable, target.variable.get_value()
+    )
     if factored is not None:
         value = jnp.asarray(value)
-        applied = _Applied(factored, options[id(factored)], True, factored._select())
-        source = _delta_source(applied, target.leaf(value))
+        source = _delta_source(factored, target.leaf(value))
         source.default_partition(value.ndim)
         value = source.merged(value)
     return value

@@ -47,8 +47,6 @@ An entry is a string (whole path elements, globs, ``"/"``-runs, as for Linen wra
 -> bool`` with ``path`` a tuple of keys (nnx's predicate convention), or ``...``.
 """
 
-_HOOKS = ("create", "transform", "argument_errors", "low_rank", "delta_feature_axes", "invert")
-
 
 @dataclasses.dataclass(frozen=True)
 class Leaf:
@@ -413,16 +411,20 @@ class Wrapper(nnx.Module):
                 )
             setattr(self, name, nnx.Dict(variables))
 
-    def _selected_leaves(self) -> list[Leaf]:
+    def _selected(self) -> list[Leaf]:
         """The leaves this wrapper selects, from the module at the bottom of its stack."""
-        base = _base(self)
         select = self._select()
-        leaves = [
+        return [
             Leaf(_path(keys), keys, variable.get_value(), variable)
-            for keys, variable in _variables(base)
+            for keys, variable in _variables(_base(self))
             if select(keys, _path(keys), variable)
         ]
+
+    def _selected_leaves(self) -> list[Leaf]:
+        """``_selected()``, which may not be empty: a filter selecting nothing is an error."""
+        leaves = self._selected()
         if not leaves:
+            base = _base(self)
             found = ", ".join(
                 f"{_path(keys)} {type(v).__name__}{tuple(jax.numpy.shape(v.get_value()))}"
                 for keys, v in _variables(base)
@@ -536,13 +538,6 @@ def _adds_low_rank(cls: type) -> bool:
     return getattr(cls, "low_rank", None) is not Wrapper.low_rank
 
 
-def _base(wrapper: Wrapper) -> nnx.Module:
-    module: nnx.Module = wrapper
-    while isinstance(module, Wrapper):
-        module = module.layer_instance
-    return module
-
-
 def _stack(wrapper: Wrapper) -> list[Wrapper]:
     """The wrappers from ``wrapper`` down, innermost first."""
     stack = []
@@ -551,6 +546,11 @@ def _stack(wrapper: Wrapper) -> list[Wrapper]:
         stack.append(module)
         module = module.layer_instance
     return stack[::-1]
+
+
+def _base(wrapper: Wrapper) -> nnx.Module:
+    """The module at the bottom of ``wrapper``'s stack."""
+    return _stack(wrapper)[0].layer_instance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -598,44 +598,29 @@ def _delegate_call(
             continue
         path = _path(keys)
         value: Any = variable.get_value()
-        factored: _Applied | None = None
-        changed = False
-        for applied in stack:
-            if not applied.select(keys, path, variable):
-                continue
-            changed = True
-            if not applied.delegated:
-                value = Unreadable(
-                    _wrapping.not_delegated(
-                        _describe(applied.wrapper),
-                        type(applied.wrapper).__name__,
-                        method,
-                        type(base).__name__,
-                        path,
-                        applied.wrapper.delegated_methods,
-                    )
+        selecting = [applied for applied in stack if applied.select(keys, path, variable)]
+        if not selecting:
+            continue
+        blocked = next((i for i, a in enumerate(selecting) if not a.delegated), len(selecting))
+        value, factored = _apply_stack(selecting[:blocked], keys, variable, value)
+        if blocked < len(selecting):
+            refused = selecting[blocked].wrapper
+            value = Unreadable(
+                _wrapping.not_delegated(
+                    _describe(refused),
+                    type(refused).__name__,
+                    method,
+                    type(base).__name__,
+                    path,
+                    refused.delegated_methods,
                 )
-                break
-            if factored is not None:
-                raise ValueError(
-                    f"{_describe(applied.wrapper)} transforms {path} after "
-                    f"{_describe(factored.wrapper)} has added its low-rank delta to it: "
-                    f"{type(applied.wrapper).__name__} of W + s * A @ B has no unmerged form. "
-                    f"Put {type(factored.wrapper).__name__} outermost, or leave the variable "
-                    "out of one of the two filters."
-                )
-            leaf = Leaf(path, keys, value, variable)
-            if _adds_low_rank(type(applied.wrapper)):
-                factored = applied
-                continue
-            value = applied.wrapper.transform(leaf, **applied.options)
+            )
         if factored is not None:
             value = jax.numpy.asarray(value)
             sources[id(value)] = _delta_source(factored, Leaf(path, keys, value, variable))
-        if changed:
-            views[keys] = value
+        views[keys] = value
     if sources:
-        return _call_unmerged(outer, method, graphdef, flat, views, sources, args, kwargs)
+        return _call_unmerged(outer, base, method, graphdef, flat, views, sources, args, kwargs)
     view_flat = [
         (keys, _view_variable(variable, views[keys]) if keys in views else variable)
         for keys, variable in flat
@@ -646,6 +631,30 @@ def _delegate_call(
         if view is not variable and view.get_raw_value() is not views[keys]:
             raise _written(outer, base, method, _path(keys))
     return result
+
+
+def _apply_stack(
+    selecting: list[_Applied], keys: tuple[Any, ...], variable: nnx.Variable[Any], value: Any
+) -> tuple[Any, _Applied | None]:
+    """``value`` through the transforms of the wrappers that select it, innermost first,
+    and the low-rank wrapper among them (its delta is added by the caller, unmerged in a
+    call, merged by fold), or ``None``."""
+    path = _path(keys)
+    factored: _Applied | None = None
+    for applied in selecting:
+        if factored is not None:
+            raise ValueError(
+                f"{_describe(applied.wrapper)} transforms {path} after "
+                f"{_describe(factored.wrapper)} has added its low-rank delta to it: "
+                f"{type(applied.wrapper).__name__} of W + s * A @ B has no unmerged form. "
+                f"Put {type(factored.wrapper).__name__} outermost, or leave the variable "
+                "out of one of the two filters."
+            )
+        if _adds_low_rank(type(applied.wrapper)):
+            factored = applied
+            continue
+        value = applied.wrapper.transform(Leaf(path, keys, value, variable), **applied.options)
+    return value, factored
 
 
 def _written(outer: Wrapper, base: nnx.Module, method: str, path: str) -> ValueError:
@@ -695,6 +704,7 @@ def _delta_source(applied: _Applied, leaf: Leaf) -> DeltaSource:
 
 def _call_unmerged(
     outer: Wrapper,
+    base: nnx.Module,
     method: str,
     graphdef: Any,
     flat: list[tuple[tuple[Any, ...], Any]],
@@ -713,7 +723,7 @@ def _call_unmerged(
             for (keys, variable), value in zip(flat, values, strict=True)
         ]
         module = nnx.merge(graphdef, nnx.from_flat_state(rebuilt))
-        result = _call_view(_base(outer), module, method, args, kwargs)
+        result = _call_view(base, module, method, args, kwargs)
         after = []
         for (keys, variable), value in zip(rebuilt, values, strict=True):
             now = variable.get_raw_value()
@@ -728,7 +738,7 @@ def _call_unmerged(
 
     result, after = call_unmerged(pure, [values, args, kwargs], sources)
     if written:
-        raise _written(outer, _base(outer), method, _path(written[0]))
+        raise _written(outer, base, method, _path(written[0]))
     for (keys, variable), before, now in zip(flat, values, after, strict=True):
         if keys not in views and now is not before:
             variable.set_value(now)
