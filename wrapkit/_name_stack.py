@@ -7,18 +7,23 @@ operations to the wrapper, wherever in the stack it runs.
 
 The summary marks each recorded module call with a scope of its own,
 ``wrapkit-call-<id>`` (``mark_call``), whatever the framework: NNX puts nothing in the name
-stack, and Linen's module names are not unique per call.
+stack, and Linen's module names are not unique per call. A program that the summary shares
+between repeated calls (``_summary/segments.py``) names the calls inside it relatively,
+``wrapkit-part-<k>``: the k-th call inside the nearest ``wrapkit-call-<id>`` above it, which
+a ``Parts`` table resolves (``resolve``).
 
 What this module relies on beyond ``jax.extend``'s names (pinned by
 ``tests/test_name_stack.py``): an equation's ``source_info.name_stack`` is a ``NameStack``
 whose ``stack`` holds one entry per element, outermost first; the entries made by
 ``jax.named_scope`` (and by flax's module names) are of one class, with the scope's text in
-``name``, and transforms (``jvp``, ``transpose``, ``vmap``) are of another.
+``name``, and transforms (``jvp``, ``transpose``, ``vmap``) are of another; a ``NameStack``
+is made from a tuple of entries, and two add up to the concatenation of their entries.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Mapping
 
 import jax
 from jax.extend import core as _core
@@ -32,6 +37,10 @@ from jax.extend.source_info_util import set_name_stack as set_name_stack
 # transform entries (jvp, transpose, vmap).
 _SCOPE = type(_new_name_stack("scope").stack[0])
 MARKER = "wrapkit-call-"
+PART = "wrapkit-part-"
+
+Parts = Mapping[tuple[int, int], int]
+"""(id of the call a shared program runs for, k) -> the id of the k-th call inside it."""
 
 
 def scopes(eqn: _core.JaxprEqn) -> tuple[str, ...]:
@@ -55,8 +64,53 @@ def marked_call(scope: str) -> int | None:
     return None
 
 
-def marked_calls(jaxpr: _core.Jaxpr) -> set[int]:
-    """The ids of every call marked on an equation of ``jaxpr`` or of its sub-jaxprs."""
+def entries(eqn: _core.JaxprEqn) -> tuple[object, ...]:
+    """The entries of ``eqn``'s name stack, outermost first, scopes and transforms."""
+    return eqn.source_info.name_stack.stack
+
+
+def call_of_entry(entry: object) -> int | None:
+    """The call id of a ``mark_call`` entry, ``None`` for any other entry."""
+    return marked_call(entry.name) if type(entry) is _SCOPE else None  # type: ignore[attr-defined]
+
+
+def part_entry(k: int) -> object:
+    """The entry naming the k-th call inside a shared program (see ``resolve``)."""
+    return _SCOPE(f"{PART}{k}")
+
+
+def with_entries(eqn: _core.JaxprEqn, stack: Iterable[object]) -> _core.JaxprEqn:
+    """``eqn`` with the name stack made of ``stack``'s entries."""
+    name_stack = NameStack(tuple(stack))  # type: ignore[arg-type]
+    return eqn.replace(source_info=eqn.source_info.replace(name_stack=name_stack))
+
+
+def stack_of(stack: Iterable[object]) -> NameStack:
+    return NameStack(tuple(stack))  # type: ignore[arg-type]
+
+
+def resolve(scopes: Iterable[str], parts: Parts) -> list[int]:
+    """The ids of the calls that ``scopes`` (outermost first) name, in order.
+
+    A ``wrapkit-part-<k>`` scope is the k-th call inside the nearest ``wrapkit-call-<id>``
+    scope above it, looked up in ``parts``; other scopes name no call.
+    """
+    calls: list[int] = []
+    anchor: int | None = None
+    for scope in scopes:
+        call = marked_call(scope)
+        if call is not None:
+            anchor = call
+        elif anchor is not None and scope.startswith(PART):
+            call = parts.get((anchor, int(scope[len(PART) :])))
+        if call is not None:
+            calls.append(call)
+    return calls
+
+
+def marked_calls(jaxpr: _core.Jaxpr, parts: Parts | None = None) -> set[int]:
+    """The ids of every call marked on an equation of ``jaxpr`` or of its sub-jaxprs
+    (relative marks resolved with ``parts``)."""
     stacks: set[NameStack] = set()
 
     def visit(jaxpr: _core.Jaxpr) -> None:
@@ -69,6 +123,8 @@ def marked_calls(jaxpr: _core.Jaxpr) -> set[int]:
     return {
         call
         for stack in stacks
-        for entry in stack.stack
-        if type(entry) is _SCOPE and (call := marked_call(entry.name)) is not None
+        for call in resolve(
+            (entry.name for entry in stack.stack if type(entry) is _SCOPE),  # type: ignore[attr-defined]
+            parts or {},
+        )
     }

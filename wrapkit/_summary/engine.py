@@ -30,8 +30,9 @@ from jax.extend import core as jex_core
 from jax.interpreters import partial_eval as pe
 
 from .. import flops as _flops
-from .._name_stack import mark_call, marked_call, marked_calls
+from .._name_stack import Parts, mark_call, marked_calls, resolve
 from .._warnings import warn
+from . import segments
 from .data import Row, Summary, VariableStats, describe
 
 # Call ids are unique in the process, not only in one summary: a lifted jit (nn.jit) caches
@@ -172,20 +173,20 @@ class FrontEnd(Protocol):
 def summarise(front: FrontEnd, inputs: list[Any], vjp: bool) -> Summary:
     """The summary of ``front.apply`` on ``inputs`` (leaves, concrete or abstract)."""
     recorder = front.recorder(True)
-    traced, outputs = trace(front, recorder, inputs, vjp)
-    if marked_calls(traced.jaxpr) - recorder.ids:
+    traced, outputs, parts = trace(front, recorder, inputs, vjp)
+    if marked_calls(traced.jaxpr, parts) - recorder.ids:
         # A cached trace was reused: a lifted jit (nn.jit) keeps the body an earlier summary
         # traced, so the calls inside it ran no Python and were not recorded (their markers
         # are that summary's). Clearing jax's caches costs recompilation later, and is only
         # needed when a summary of such a model is repeated.
         jax.clear_caches()
         recorder = front.recorder(True)
-        traced, outputs = trace(front, recorder, inputs, vjp)
+        traced, outputs, parts = trace(front, recorder, inputs, vjp)
     # Values computed and then dropped (the first trace of an nn.scan body, say) are not
     # part of the program: XLA never runs them, and their calls get no rows.
     forward = _dce(traced, [index < outputs for index in range(len(traced.out_avals))])
 
-    rows = _Rows(_calls_in(recorder, forward), front.top)
+    rows = _Rows(_calls_in(recorder, forward, parts), front.top, parts)
     # The counter warns about primitives it has no rule for at each count; one summary
     # warns once, for the forward pass and the VJP together.
     with warnings.catch_warnings():
@@ -295,17 +296,19 @@ def _failure(front: FrontEnd, recorder: Recorder | None, doing: str, error: Exce
 
 def trace(
     front: FrontEnd, recorder: Recorder, inputs: list[Any], vjp: bool
-) -> tuple[jex_core.ClosedJaxpr, int]:
-    """The traced program of ``front.apply``, and how many of its outputs are the forward's.
+) -> tuple[jex_core.ClosedJaxpr, int, Parts]:
+    """The traced program of ``front.apply``, how many of its outputs are the forward's, and
+    the table of the calls its equations name relatively (``_name_stack.resolve``).
 
     With ``vjp``, the program is the whole VJP: its inputs are ``inputs`` and then the
     cotangents of the module's floating-point outputs, its outputs the forward's and then
-    the gradients with respect to the floating-point inputs. The forward pass is traced
-    once, linearised as it goes (``jax.vjp``), and its pullback is traced on abstract
-    cotangents; the two programs are joined at the residuals. Cotangents are inputs, not
-    constants, so that no backward work is folded away that a real training step does (XLA
-    folds arithmetic on constants). Otherwise it is the forward pass. Failures raise
-    ``ValueError`` naming what failed.
+    the gradients with respect to the floating-point inputs. The module runs once, in a
+    plain trace of the forward pass; that program is linearised (``jax.vjp`` of its replay,
+    each repeated call's equations linearised once: ``segments.replay``), and the pullback
+    is traced on abstract cotangents; the two programs are joined at the residuals.
+    Cotangents are inputs, not constants, so that no backward work is folded away that a
+    real training step does (XLA folds arithmetic on constants). Otherwise it is the
+    forward pass. Failures raise ``ValueError`` naming what failed.
     """
     apply = front.apply
     if not vjp:
@@ -313,20 +316,31 @@ def trace(
             traced = jax.make_jaxpr(functools.partial(apply, recorder))(*inputs)
         except Exception as error:
             raise _failure(front, recorder, "applying", error) from error
-        return traced, len(traced.out_avals)
+        return traced, len(traced.out_avals), {}
     moves = front.differentiable(inputs)
+
+    def plain(*leaves: Any) -> tuple[list[Any], list[Any], Any]:
+        output, state = apply(recorder, *leaves)
+        # Floating-point outputs are differentiated; the rest rides along.
+        values = jax.tree_util.tree_leaves(output)
+        floats = [value for value in values if jnp.issubdtype(value.dtype, jnp.inexact)]
+        others = [value for value in values if not jnp.issubdtype(value.dtype, jnp.inexact)]
+        return floats, others, state
+
+    try:
+        program, (float_outputs, _, _) = jax.make_jaxpr(plain, return_shape=True)(*inputs)
+    except Exception as error:
+        raise _failure(front, recorder, "applying", error) from error
+    run, parts = segments.replay(program, recorder.roots, _visible)
+    floating = len(float_outputs)
 
     def forward(*leaves: Any) -> Any:
         fixed = [leaf for leaf, moving in zip(leaves, moves, strict=True) if not moving]
 
-        def differentiable(*moving: Any) -> tuple[list[Any], Any]:
+        def differentiable(*moving: Any) -> tuple[list[Any], list[Any]]:
             it_moving, it_fixed = iter(moving), iter(fixed)
-            output, state = apply(recorder, *(next(it_moving if m else it_fixed) for m in moves))
-            # Floating-point outputs are differentiated; the rest rides along.
-            values = jax.tree_util.tree_leaves(output)
-            floats = [value for value in values if jnp.issubdtype(value.dtype, jnp.inexact)]
-            others = [value for value in values if not jnp.issubdtype(value.dtype, jnp.inexact)]
-            return floats, (others, state)
+            outs = run(*(next(it_moving if m else it_fixed) for m in moves))
+            return outs[:floating], outs[floating:]
 
         moving = [leaf for leaf, m in zip(leaves, moves, strict=True) if m]
         floats, pullback, rest = jax.vjp(differentiable, *moving, has_aux=True)
@@ -336,15 +350,6 @@ def trace(
     try:
         first, ((floats, rest), pullback) = jax.make_jaxpr(forward, return_shape=True)(*inputs)
     except Exception as error:
-        if recorder.probing is not None:
-            raise _failure(front, recorder, "applying", error) from error
-        # Linearising runs the forward pass. Only now pay for a plain forward trace, to
-        # tell a failing forward pass from a failing linearisation.
-        plain = front.recorder(False)
-        try:
-            jax.eval_shape(functools.partial(apply, plain), *inputs)
-        except Exception as forward_error:
-            raise _failure(front, plain, "applying", forward_error) from forward_error
         raise _failure(front, None, "differentiating", error) from error
     outputs = len(jax.tree_util.tree_leaves((floats, rest)))
     residuals = jax.tree_util.tree_structure(pullback)
@@ -356,7 +361,7 @@ def trace(
         second = jax.make_jaxpr(backward)(jax.tree_util.tree_leaves(pullback), floats)
     except Exception as error:
         raise _failure(front, None, "differentiating", error) from error
-    return _join(first, outputs, second), outputs
+    return _join(first, outputs, second), outputs, parts
 
 
 def _join(
@@ -400,7 +405,7 @@ def _dce(program: jex_core.ClosedJaxpr, used: list[bool]) -> jex_core.ClosedJaxp
     return jex_core.ClosedJaxpr(jaxpr, program.consts)
 
 
-def _calls_in(recorder: Recorder, program: jex_core.ClosedJaxpr) -> list[Call]:
+def _calls_in(recorder: Recorder, program: jex_core.ClosedJaxpr, parts: Parts) -> list[Call]:
     """The recorded calls that belong to ``program``.
 
     Lifted transforms (nn.scan ...) may trace a body more than once, and flax's own
@@ -409,7 +414,7 @@ def _calls_in(recorder: Recorder, program: jex_core.ClosedJaxpr) -> list[Call]:
     from the same caller repeats its module and method: it was an earlier trace of that
     call. (A call that issues no equation at all keeps its row.)
     """
-    seen = marked_calls(program.jaxpr)
+    seen = marked_calls(program.jaxpr, parts)
 
     def alive(call: Call) -> bool:
         return call.id in seen or any(alive(child) for child in call.children)
@@ -441,7 +446,8 @@ def _visible(calls: list[Call]) -> list[Call]:
 class _Rows:
     """The call tree as rows (depth first, in call order), and each row's own cost."""
 
-    def __init__(self, roots: list[Call], top: Callable[[list[Call]], Call]) -> None:
+    def __init__(self, roots: list[Call], top: Callable[[list[Call]], Call], parts: Parts) -> None:
+        self.parts = parts
         self.calls: list[Call] = []
         self.parent: list[int | None] = []
         self.depth: list[int] = []
@@ -473,15 +479,14 @@ class _Rows:
         """An ``on_cost`` for ``count_jaxpr``: each cost to the innermost marked call's row."""
         own = self.own[kind]
         row_of_call = self.row_of_call
+        parts = self.parts
         cache: dict[tuple[str, ...], int] = {}
 
         def row_of(scopes: tuple[str, ...]) -> int:
-            for name in reversed(scopes):
-                call = marked_call(name)
-                if call is not None:
-                    row = row_of_call.get(call)
-                    if row is not None:
-                        return row
+            for call in reversed(resolve(scopes, parts)):
+                row = row_of_call.get(call)
+                if row is not None:
+                    return row
             return 0  # outside every module call (a framework's bookkeeping): the root's
 
         def on_cost(scopes: tuple[str, ...], primitive: str, cost: _flops.Cost) -> None:
