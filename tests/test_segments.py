@@ -61,8 +61,8 @@ class Widths(nn.Module):
     @nn.compact
     def __call__(self, x):
         for width in (16, 24, 32):
-            x = nn.relu(nn.Dense(width)(nn.LayerNorm()(x)))
-            x = nn.Dense(width)(x) + x
+            y = nn.LayerNorm()(nn.Dense(width)(x))
+            x = nn.Dense(width)(nn.relu(y)) + y
         return x
 
 
@@ -94,6 +94,28 @@ class Noisy(nn.Module):
         return x
 
 
+class Normed(nn.Module):
+    """BatchNorm updating its statistics in every block: the state is an output too."""
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(3):
+            y = nn.BatchNorm(use_running_average=False)(nn.Dense(16)(x))
+            x = x + nn.Dense(16)(nn.relu(y))
+        return x
+
+
+class Reused(nn.Module):
+    """One block instance called three times: the same parameters in each call."""
+
+    @nn.compact
+    def __call__(self, x):
+        block = MLP()
+        for _ in range(3):
+            x = nn.LayerNorm()(block(x)) + x
+        return x
+
+
 def gpt2_tiny():
     spec = importlib.util.spec_from_file_location(
         "example_gpt2_segments", ROOT / "examples" / "gpt2.py"
@@ -120,21 +142,28 @@ def rows(table):
 
 
 def summarise(monkeypatch, model, *args, share=True, **kwargs):
-    """The summary, and the table of relative calls of its shared programs."""
-    found = {}
-    replay = segments.replay
+    """The summary, and what was shared: how many calls ran a shared program ("calls"), and
+    the table of the calls inside them, named relatively ("parts")."""
+    found = {"calls": 0}
+    replay, groups = segments.replay, segments._groups
 
-    def spy(*replay_args):
+    def spy_replay(*replay_args):
         run, parts = replay(*replay_args)
         found["parts"] = parts
         return run, parts
 
+    def spy_groups(*group_args):
+        shared = groups(*group_args)
+        found["calls"] = sum(len(members) for members in shared)
+        return shared
+
     with monkeypatch.context() as patch:
-        patch.setattr(segments, "replay", spy)
+        patch.setattr(segments, "replay", spy_replay)
+        patch.setattr(segments, "_groups", spy_groups)
         if not share:
             patch.setattr(segments, "_MIN_EQUATIONS", 10**9)
         table = wrapkit.summary(model, *args, vjp=True, **kwargs)
-    return table, found["parts"]
+    return table, found
 
 
 def vjp_program(model):
@@ -154,6 +183,7 @@ CASES = {
     "tower": (Tower(), X),
     "wrapped tower": (Tower(wrapped=True), X),
     "pairs": (Pairs(), X),
+    "reused": (Reused(), X),
     "widths": (Widths(), X),
     "gpt2": (gpt2_tiny(), jax.ShapeDtypeStruct((1, 16), jnp.int32)),
 }
@@ -163,8 +193,8 @@ CASES = {
 def test_sharing_changes_no_row(monkeypatch, name):
     model, x = CASES[name]
     shared, _ = summarise(monkeypatch, model, x)
-    flat, parts = summarise(monkeypatch, model, x, share=False)
-    assert not parts
+    flat, found = summarise(monkeypatch, model, x, share=False)
+    assert not found["calls"] and not found["parts"]
     assert rows(shared) == rows(flat)
     assert shared.vjp_flops == flat.vjp_flops and shared.flops == flat.flops
 
@@ -174,7 +204,8 @@ def test_repeated_blocks_share_one_program_and_their_callees_keep_their_rows(mon
     # A Tower uses its last block's second output, so that block's backward differs.
     same = slice(None, -1) if "tower" in name else slice(None)
     model, x = CASES[name]
-    table, parts = summarise(monkeypatch, model, x)
+    table, found = summarise(monkeypatch, model, x)
+    parts = found["parts"]
     blocks = [row for row in table if row.depth == 1 and row.module_type in ("Block",)]
     assert len(blocks) >= 2
     # Every call inside the blocks after the first is named relatively, and resolves.
@@ -192,8 +223,8 @@ def test_repeated_blocks_share_one_program_and_their_callees_keep_their_rows(mon
 
 def test_the_totals_are_still_those_of_the_models_own_vjp(monkeypatch):
     model, x = CASES["wrapped tower"]
-    table, parts = summarise(monkeypatch, model, x)
-    assert parts
+    table, found = summarise(monkeypatch, model, x)
+    assert found["calls"] == 4
     variables = jax.eval_shape(model.init, KEY, x)
     cotangent = jax.eval_shape(model.apply, variables, x)
     program = vjp_program(model)
@@ -202,8 +233,8 @@ def test_the_totals_are_still_those_of_the_models_own_vjp(monkeypatch):
 
 
 def test_blocks_that_differ_share_nothing(monkeypatch):
-    _, parts = summarise(monkeypatch, Widths(), X)
-    assert not parts
+    _, found = summarise(monkeypatch, Widths(), X)
+    assert not found["calls"]
 
 
 def test_random_streams_differ_per_block_and_are_counted_apart(monkeypatch):
@@ -213,13 +244,27 @@ def test_random_streams_differ_per_block_and_are_counted_apart(monkeypatch):
     assert shared.rng_bits > 0
 
 
+def test_updated_statistics_are_outputs_of_the_shared_programs(monkeypatch):
+    kwargs = dict(mutable=["batch_stats"])
+    shared, found = summarise(monkeypatch, Normed(), X, **kwargs)
+    flat, _ = summarise(monkeypatch, Normed(), X, share=False, **kwargs)
+    # The three BatchNorm calls share one program; nothing is inside them to name.
+    assert found["calls"] == 3 and not found["parts"]
+    assert rows(shared) == rows(flat)
+    norms = [row for row in shared if row.module_type == "BatchNorm"]
+    assert len(norms) == 3 and len({row.own_flops for row in norms}) == 1
+    assert all(row.own_flops for row in norms)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_towers(monkeypatch, dtype):
     x = jax.ShapeDtypeStruct((4, 16), dtype)
     model = Tower(wrapped=True)
-    shared, parts = summarise(monkeypatch, model, x)
+    shared, found = summarise(monkeypatch, model, x)
     flat, _ = summarise(monkeypatch, model, x, share=False)
-    assert parts and rows(shared) == rows(flat)
+    # The first block takes the low-precision input; the float32 Dense layers make the
+    # others' float32: three blocks are one program.
+    assert found["calls"] == 3 and rows(shared) == rows(flat)
 
 
 class NNXBlock(nnx.Module):
@@ -244,9 +289,9 @@ class NNXTower(nnx.Module):
 
 def test_nnx_blocks_share_too(monkeypatch):
     model = nnx.eval_shape(lambda: NNXTower(nnx.Rngs(0)))
-    shared, parts = summarise(monkeypatch, model, X)
+    shared, found = summarise(monkeypatch, model, X)
     flat, _ = summarise(monkeypatch, model, X, share=False)
-    assert parts and rows(shared) == rows(flat)
+    assert found["calls"] == 3 and found["parts"] and rows(shared) == rows(flat)
 
 
 def test_jax_inlines_an_inline_jit_in_the_vjp_it_traces():

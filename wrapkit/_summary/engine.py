@@ -3,8 +3,9 @@
 A front end (``capture_linen``, ``capture_nnx``) records the module method calls of one
 abstract trace on a ``Recorder`` and runs each inside ``_name_stack.mark_call(<id>)``, so
 that every equation of the traced program (and of its VJP, whose equations keep their name
-stacks) names the call that issued it. The engine traces the front end's function (under
-``jax.vjp`` when asked), drops what the program does not use, turns the call tree into rows,
+stacks) names the call that issued it. The engine traces the front end's function (and,
+when asked, the VJP of a replay of that program in which repeated calls share one program:
+``segments.py``), drops what the program does not use, turns the call tree into rows,
 counts the program with [`wrapkit.flops`][wrapkit.flops.count]'s rules and gives each
 counted equation to the row of the innermost call that issued it. It knows neither Linen
 nor NNX: where a call's variables are is the front end's answer (``FrontEnd.variables``).

@@ -18,13 +18,16 @@ call the program runs for (``_name_stack.resolve``).
 
 Only calls whose equations are contiguous in the program, have no effects and no marked
 calls inside sub-jaxprs (an ``nn.scan`` body), share a program; every other equation is
-evaluated as it was traced.
+evaluated as it was traced. Parameters are compared as jax gives them: a ``custom_jvp``
+function called outside a jit (flax's ``nn.relu``) gets rule objects of its own at each
+call, so calls containing one are not shared.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -77,7 +80,7 @@ def replay(
     chosen = sorted((span.first, span.last) for members in groups for span in members)
     # Calls of one level of the call tree have disjoint spans; if that ever failed, share
     # nothing rather than run an equation twice.
-    if not groups or any(a[1] >= b[0] for a, b in zip(chosen, chosen[1:])):
+    if not groups or any(a[1] >= b[0] for a, b in itertools.pairwise(chosen)):
         return jex_core.jaxpr_as_fun(program), {}
     last_use = _last_uses(jaxpr)
     parts: dict[tuple[int, int], int] = {}
