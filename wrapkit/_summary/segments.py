@@ -219,6 +219,7 @@ def _key(eqns: Sequence[jex_core.JaxprEqn], span: _Span) -> Hashable | None:
                 tuple(refs),
                 tuple(var.aval for var in eqn.outvars),
                 tuple(below),
+                eqn.ctx,  # compute placement, PRNG partitioning, XLA metadata (interned)
             )
         )
     key = (tuple(var.aval for var in inputs), tuple(items))
