@@ -7,6 +7,7 @@ the model's own ``jax.vjp`` and XLA's.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import pathlib
 import sys
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
+from jax.experimental.xla_metadata import set_xla_metadata
 
 import wrapkit
 from wrapkit._summary import segments
@@ -114,6 +116,18 @@ class Reused(nn.Module):
         for _ in range(3):
             x = nn.LayerNorm()(block(x)) + x
         return x
+
+
+class Tagged(nn.Module):
+    """Two identical blocks, the second traced under XLA metadata if ``tag``."""
+
+    tag: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        x = Block()(x)[0]
+        with set_xla_metadata(placement="tagged") if self.tag else contextlib.nullcontext():
+            return Block()(x)[0]
 
 
 def gpt2_tiny():
@@ -235,6 +249,14 @@ def test_the_totals_are_still_those_of_the_models_own_vjp(monkeypatch):
 def test_blocks_that_differ_share_nothing(monkeypatch):
     _, found = summarise(monkeypatch, Widths(), X)
     assert not found["calls"]
+
+
+def test_calls_traced_under_different_contexts_share_nothing(monkeypatch):
+    _, found = summarise(monkeypatch, Tagged(), X)
+    assert not found["calls"]
+    # Without the metadata the two blocks are one program.
+    _, found = summarise(monkeypatch, Tagged(tag=False), X)
+    assert found["calls"] == 2
 
 
 def test_random_streams_differ_per_block_and_are_counted_apart(monkeypatch):
