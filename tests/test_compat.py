@@ -21,6 +21,7 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import wrapkit
+from wrapkit._summary import segments
 from wrapkit.linen import WeightNorm
 
 transformers = pytest.importorskip(
@@ -304,6 +305,23 @@ def test_vjp_flops_within_a_thousandth_of_xla_cost_analysis(summarised):
     expected = xla_flops(vjp, summarised.variables, cotangent, *args)
     assert summarised.table.vjp_flops > summarised.table.flops
     assert summarised.table.vjp_flops == pytest.approx(expected, rel=1e-3)
+
+
+def _costs(table: wrapkit.Summary) -> list[tuple[Any, ...]]:
+    return [
+        (row.path, row.method, row.own_flops, row.own_vjp_flops, row.own_transcendentals)
+        for row in table
+    ]
+
+
+def test_sharing_the_program_of_repeated_calls_changes_no_row(summarised, monkeypatch):
+    """The summary linearises each group of repeated calls once (``segments.py``); without
+    that, every row costs the same."""
+    monkeypatch.setattr(segments, "_MIN_EQUATIONS", 10**9)
+    case = summarised.case
+    flat = wrapkit.summary(summarised.module, *case.args, vjp=True, **case.kwargs)
+    assert _costs(flat) == _costs(summarised.table)
+    assert (flat.flops, flat.vjp_flops) == (summarised.table.flops, summarised.table.vjp_flops)
 
 
 def test_variable_totals_equal_flax_init(summarised):
