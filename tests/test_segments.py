@@ -20,8 +20,9 @@ from flax import nnx
 from jax.experimental.xla_metadata import set_xla_metadata
 
 import wrapkit
+import wrapkit.nnx
 from wrapkit._summary import segments
-from wrapkit.linen import WeightNorm
+from wrapkit.linen import SpectralNorm, WeightNorm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KEY = jax.random.key(0)
@@ -128,6 +129,16 @@ class Tagged(nn.Module):
         x = Block()(x)[0]
         with set_xla_metadata(placement="tagged") if self.tag else contextlib.nullcontext():
             return Block()(x)[0]
+
+
+class Spectral(nn.Module):
+    """SpectralNorm'd blocks updating their power-iteration statistics."""
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(3):
+            x = x + SpectralNorm(nn.Dense(16))(nn.LayerNorm()(x), update_stats=True)
+        return x
 
 
 def gpt2_tiny():
@@ -266,6 +277,13 @@ def test_random_streams_differ_per_block_and_are_counted_apart(monkeypatch):
     assert shared.rng_bits > 0
 
 
+def test_spectral_norm_statistics_updated_in_repeated_calls(monkeypatch):
+    kwargs = dict(mutable=["batch_stats"])
+    shared, found = summarise(monkeypatch, Spectral(), X, **kwargs)
+    flat, _ = summarise(monkeypatch, Spectral(), X, share=False, **kwargs)
+    assert found["calls"] == 3 and rows(shared) == rows(flat)
+
+
 def test_updated_statistics_are_outputs_of_the_shared_programs(monkeypatch):
     kwargs = dict(mutable=["batch_stats"])
     shared, found = summarise(monkeypatch, Normed(), X, **kwargs)
@@ -337,3 +355,23 @@ def test_jax_inlines_an_inline_jit_in_the_vjp_it_traces():
     names = [eqn.primitive.name for eqn in vjp(inlined).eqns]
     assert "jit" not in names and "pjit" not in names
     assert names == [eqn.primitive.name for eqn in vjp(written).eqns]
+
+
+class NNXWrappedTower(nnx.Module):
+    def __init__(self, rngs):
+        self.blocks = nnx.List(
+            [wrapkit.nnx.SpectralNorm(nnx.Linear(16, 16, rngs=rngs), rngs=rngs) for _ in range(3)]
+        )
+        self.norms = nnx.List([nnx.LayerNorm(16, rngs=rngs) for _ in range(3)])
+
+    def __call__(self, x):
+        for norm, block in zip(self.norms, self.blocks, strict=True):
+            x = x + block(norm(x))
+        return x
+
+
+def test_nnx_wrapped_blocks_with_statistics(monkeypatch):
+    model = NNXWrappedTower(nnx.Rngs(0))
+    shared, found = summarise(monkeypatch, model, X)
+    flat, _ = summarise(monkeypatch, model, X, share=False)
+    assert found["calls"] == 3 and rows(shared) == rows(flat)
