@@ -62,6 +62,9 @@ class _Span:
 
 @dataclasses.dataclass
 class _Piece:
+    """A part of the program, in order: a run of equations evaluated as traced, or a call
+    running its group's shared program under the name stack above the call (``prefix``)."""
+
     inputs: list[Any]
     outputs: list[Any]
     fn: Callable[..., Sequence[Any]]
@@ -84,7 +87,8 @@ def replay(
         return jex_core.jaxpr_as_fun(program), {}
     last_use = _last_uses(jaxpr)
     parts: dict[tuple[int, int], int] = {}
-    shared: dict[int, tuple[_Span, list[int], Callable[..., Any]]] = {}  # first eqn -> ...
+    # The first equation of each shared call -> its span, its outputs' numbers, the program.
+    shared: dict[int, tuple[_Span, list[int], Callable[..., Any]]] = {}
     for members in groups:
         # Every output any member needs: the others compute it too, unused.
         positions = sorted(
