@@ -81,11 +81,11 @@ def part_entry(k: int) -> object:
 
 def with_entries(eqn: _core.JaxprEqn, stack: Iterable[object]) -> _core.JaxprEqn:
     """``eqn`` with the name stack made of ``stack``'s entries."""
-    name_stack = NameStack(tuple(stack))  # type: ignore[arg-type]
-    return eqn.replace(source_info=eqn.source_info.replace(name_stack=name_stack))
+    return eqn.replace(source_info=eqn.source_info.replace(name_stack=stack_of(stack)))
 
 
 def stack_of(stack: Iterable[object]) -> NameStack:
+    """The name stack made of ``stack``'s entries."""
     return NameStack(tuple(stack))  # type: ignore[arg-type]
 
 

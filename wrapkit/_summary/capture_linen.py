@@ -365,9 +365,7 @@ class _Linen:
         self.model_variables = variables
         self.call = call
 
-    def recorder(self, mark: bool) -> _Recorder:
-        if not mark:  # only to find where a trace fails
-            return _Recorder(mark=False)
+    def recorder(self) -> _Recorder:
         return _Recorder(mark=True, helpers=self.helpers, initialised=self.initialised)
 
     def differentiable(self, leaves: Sequence[Any]) -> list[bool]:

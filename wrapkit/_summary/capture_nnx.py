@@ -130,8 +130,8 @@ def _recorded_methods(cls: type) -> list[str]:
 class _Recorder(engine.Recorder):
     """Builds the call tree from the recording methods ``_patched`` puts on the classes."""
 
-    def __init__(self, mark: bool, helpers: bool) -> None:
-        super().__init__(mark)
+    def __init__(self, helpers: bool) -> None:
+        super().__init__(mark=True)
         self.helpers = helpers
         # id(module) -> its path in the model merged inside the trace.
         self.paths: dict[int, tuple[str, ...]] = {}
@@ -185,8 +185,7 @@ class _Recorder(engine.Recorder):
             for link in chain:
                 self.stack.append(link)
                 marks.callback(self.stack.pop)
-                if self.mark:
-                    marks.enter_context(mark_call(link.id))
+                marks.enter_context(mark_call(link.id))
             yield
 
     def marked_as(self, wrapper: Any) -> contextlib.AbstractContextManager[None]:
@@ -195,11 +194,7 @@ class _Recorder(engine.Recorder):
         for call in reversed(cast("list[_Call]", self.stack)):
             for found in (call, *call.chain):
                 if found.module_id == id(wrapper):
-                    return (
-                        mark_call(found.id)
-                        if self.mark and not found.transparent
-                        else contextlib.nullcontext()
-                    )
+                    return contextlib.nullcontext() if found.transparent else mark_call(found.id)
         return contextlib.nullcontext()
 
     def call(
@@ -390,8 +385,8 @@ class _Nnx:
                 found.append((_path(parts), _group(value), _array_leaves(value)))
         return found
 
-    def recorder(self, mark: bool) -> _Recorder:
-        return _Recorder(mark, self.helpers if mark else False)
+    def recorder(self) -> _Recorder:
+        return _Recorder(self.helpers)
 
     def differentiable(self, leaves: Sequence[Any]) -> list[bool]:
         return list(self.moves)

@@ -138,8 +138,8 @@ class FrontEnd(Protocol):
     #: the summarised module's class name
     name: str
 
-    def recorder(self, mark: bool) -> Recorder:
-        """A fresh recorder; ``mark=False`` for a trace that only locates a failure."""
+    def recorder(self) -> Recorder:
+        """A fresh recorder that marks the calls it records."""
         ...
 
     def apply(self, recorder: Recorder, *leaves: Any) -> tuple[Any, Any]:
@@ -173,7 +173,7 @@ class FrontEnd(Protocol):
 
 def summarise(front: FrontEnd, inputs: list[Any], vjp: bool) -> Summary:
     """The summary of ``front.apply`` on ``inputs`` (leaves, concrete or abstract)."""
-    recorder = front.recorder(True)
+    recorder = front.recorder()
     traced, outputs, parts = trace(front, recorder, inputs, vjp)
     if marked_calls(traced.jaxpr, parts) - recorder.ids:
         # A cached trace was reused: a lifted jit (nn.jit) keeps the body an earlier summary
@@ -181,7 +181,7 @@ def summarise(front: FrontEnd, inputs: list[Any], vjp: bool) -> Summary:
         # are that summary's). Clearing jax's caches costs recompilation later, and is only
         # needed when a summary of such a model is repeated.
         jax.clear_caches()
-        recorder = front.recorder(True)
+        recorder = front.recorder()
         traced, outputs, parts = trace(front, recorder, inputs, vjp)
     # Values computed and then dropped (the first trace of an nn.scan body, say) are not
     # part of the program: XLA never runs them, and their calls get no rows.
